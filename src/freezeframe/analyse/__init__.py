@@ -1,0 +1,1 @@
+"""Analyse: pure functions from a stored run to tables, the summary and the findings."""

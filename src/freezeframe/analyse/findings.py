@@ -1,0 +1,147 @@
+"""Findings: the fine-tuning mistakes a stored run shows, each a pure function of the summary."""
+
+from __future__ import annotations
+
+import numpy as np
+
+SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+
+
+def _finding(code, severity, message, stage=None, params=()):
+    return {"code": code, "severity": severity, "message": message, "stage": stage, "params": list(params)}
+
+
+def _names(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _train_stages(summary):
+    return [s for s in summary["stages"] if s["kind"] != "trial"]
+
+
+def frozen_param_changed(summary, view) -> list[dict]:
+    out = []
+    for s in _train_stages(summary):
+        k = summary["stages"].index(s)
+        hit = [p["name"] for p in summary["params"]
+               if p["stages"][k]["trainable"] is False and p["stages"][k]["changed"] is True]
+        if hit:
+            out.append(_finding(
+                "frozen-param-changed", "error",
+                f"{len(hit)} tensor(s) frozen for the whole of stage {s['name']!r} changed anyway ({_names(hit)}): "
+                "something other than gradients wrote them — weight decay applied to zeroed gradients, "
+                "a hand-written update, a tied weight, or an in-place edit. Clear their gradients "
+                "(zero_grad(set_to_none=True)) or take them out of the optimizer.",
+                s["index"], hit))
+    return out
+
+
+def trainable_not_in_optimizer(summary, view) -> list[dict]:
+    out = []
+    for s in _train_stages(summary):
+        k = summary["stages"].index(s)
+        hit = [p["name"] for p in summary["params"]
+               if p["stages"][k]["trainable"] and not p["stages"][k]["in_optimizer"] and p["stages"][k]["grad_steps"] > 0]
+        if hit:
+            out.append(_finding(
+                "trainable-not-in-optimizer", "error",
+                f"In stage {s['name']!r}, {len(hit)} tensor(s) received gradients but no watched optimizer holds them, "
+                f"so they never move ({_names(hit)}). After unfreezing, add them to the optimizer "
+                "(or rebuild it); if another optimizer updates them, pass it to watch() or rec.track().",
+                s["index"], hit))
+    return out
+
+
+def trainable_never_gets_grad(summary, view) -> list[dict]:
+    out = []
+    for s in _train_stages(summary):
+        k = summary["stages"].index(s)
+        if not s["steps"]:
+            continue
+        hit = [p["name"] for p in summary["params"]
+               if p["stages"][k]["trainable"] and p["stages"][k]["in_optimizer"] and p["stages"][k]["grad_steps"] == 0]
+        if hit:
+            out.append(_finding(
+                "trainable-never-gets-grad", "warning",
+                f"In stage {s['name']!r}, {len(hit)} trainable tensor(s) never received a gradient in "
+                f"{s['steps']} steps ({_names(hit)}): they are not used in the forward pass (or their "
+                "output is detached). Freeze them or check the model's forward.",
+                s["index"], hit))
+    return out
+
+
+def stage_discontinuity(summary, view) -> list[dict]:
+    out = []
+    for s in _train_stages(summary):
+        if s["starts_from_previous_end"] is False and not s.get("meta", {}).get("reload_requested"):
+            diff = s["changed_since_previous_end"]
+            out.append(_finding(
+                "stage-discontinuity", "warning",
+                f"Stage {s['name']!r} did not start where the previous stage ended: {len(diff)} tensor(s) differ "
+                f"({_names(diff)}; decided {'bitwise' if s['continuity'] == 'bitwise' else 'by write tracking'}). "
+                "The model was re-created or weights were reloaded between stages; if that was not intended, "
+                "the earlier training is lost.",
+                s["index"], diff))
+    return out
+
+
+def frozen_bn_stats_changed(summary, view) -> list[dict]:
+    out = []
+    modules = {m["name"]: m for m in summary["modules"]}
+    for s in _train_stages(summary):
+        k = summary["stages"].index(s)
+        hit = [b["name"] for b in summary["buffers"]
+               if b["stages"][k]["changed"] and b["module"] in modules
+               and modules[b["module"]]["stages"][k]["trainable"] is False]
+        if hit:
+            out.append(_finding(
+                "frozen-bn-stats-changed", "info",
+                f"In stage {s['name']!r}, the running statistics of {len(hit)} buffer(s) of frozen norm layers "
+                f"moved ({_names(hit)}) because the model ran in train mode. Put those layers in eval mode if "
+                "they should stay exactly as pretrained.",
+                s["index"], hit))
+    return out
+
+
+def zero_lr_group(summary, view) -> list[dict]:
+    out = []
+    for s in _train_stages(summary):
+        for g in s["groups"]:
+            if g["trainable_params"] > 0 and g["lr_applied_max"] == 0:
+                out.append(_finding(
+                    "zero-lr-group", "warning",
+                    f"In stage {s['name']!r}, group {g['name']} holds {g['trainable_params']:,} trainable parameters "
+                    "but its learning rate was 0 at every step: it cannot learn. Check the scheduler or the lr you set.",
+                    s["index"]))
+    return out
+
+
+def nonfinite(summary, view) -> list[dict]:
+    if view is None or not len(view.t_step):
+        return []
+    bad = view.nonfinite
+    if not bad.any():
+        return []
+    first = int(np.argmin(np.where(bad, view.t_step, np.iinfo(np.int64).max)))
+    step, t = int(view.t_step[first]), int(view.t_tensor[first])
+    names = [p["name"] for p in summary["params"]] + [b["name"] for b in summary["buffers"]]
+    stage = int(view.t_stage[first])
+    hit = sorted({names[int(i)] for i in view.t_tensor[bad] if int(i) < len(names)})
+    return [_finding(
+        "nonfinite", "error",
+        f"NaN or Inf appeared at step {step} in {names[t] if t < len(names) else t} (and {len(hit) - 1} other "
+        "tensor(s) later): lower the learning rate, use gradient clipping, or check the data and loss.",
+        stage, hit)]
+
+
+CHECKS = [trainable_not_in_optimizer, frozen_param_changed, nonfinite, stage_discontinuity, zero_lr_group,
+          trainable_never_gets_grad, frozen_bn_stats_changed]
+
+
+def find(summary: dict, view=None) -> list[dict]:
+    out = []
+    for check in CHECKS:
+        out.extend(check(summary, view))
+    out.sort(key=lambda f: (SEVERITY_ORDER[f["severity"]], -1 if f["stage"] is None else f["stage"]))
+    return out

@@ -1,0 +1,211 @@
+"""The summary (schema "freezeframe.summary/1") of a stored run: pure functions of its data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..store.reader import StoredRun
+from .tables import StepView, per_stage_tensor, step_view
+
+SCHEMA = "freezeframe.summary/1"
+
+
+def clean(x):
+    """JSON never holds NaN or Infinity: null instead (recursively)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, (np.floating,)):
+        return clean(float(x))
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, dict):
+        return {k: clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [clean(v) for v in x]
+    return x
+
+
+def stage_records(run: StoredRun, view: StepView) -> list[dict]:
+    """The manifest's stages, plus placeholders for stages whose steps reached the disk but
+    whose manifest entry did not (an interrupted run)."""
+    stages = [dict(s) for s in run.manifest.get("stages", [])]
+    known = {s["index"] for s in stages}
+    for idx in sorted(set(view.stage.tolist()) - known):
+        stages.append({"index": idx, "name": f"stage {idx}", "kind": "train", "explicit": False,
+                       "recovered": True, "trainable": None, "groups": [], "start_hashes": [],
+                       "end_hashes": None, "complete": False, "forward_passes": {"train": None, "eval": None}})
+    stages.sort(key=lambda s: s["index"])
+    return stages
+
+
+def _ratio(a, b):
+    if a is None or b is None or not b:
+        return None
+    return a / b
+
+
+def _group_stats(rows: np.ndarray, view: StepView, g: int, nominal) -> dict:
+    def series(values):
+        out = [v[g] for v in (values[i] for i in rows) if v is not None and g < len(v) and v[g] is not None]
+        return [x for x in out if isinstance(x, float) and math.isfinite(x)]
+
+    lr = series(view.lr)
+    mom = series(view.momentum)
+    wd = series(view.weight_decay)
+    applied_max = max(lr) if lr else None
+    return {
+        "lr_max": nominal if nominal is not None else applied_max,
+        "lr_applied_max": applied_max,
+        "lr_min": min(lr) if lr else None,
+        "lr_first": lr[0] if lr else None,
+        "lr_last": lr[-1] if lr else None,
+        "momentum_min": min(mom) if mom else None,
+        "momentum_max": max(mom) if mom else None,
+        "weight_decay": wd[-1] if wd else None,
+    }
+
+
+def build_summary(run: StoredRun) -> dict:
+    m = run.manifest
+    params = m["model"]["params"]
+    buffers = m["model"]["buffers"]
+    P, B = len(params), len(buffers)
+    names = [p["name"] for p in params] + [b["name"] for b in buffers]
+    ref_norms = list(m.get("ref_norms") or [None] * (P + B))
+    view = step_view(run)
+    agg = per_stage_tensor(view, P + B)
+    stages = stage_records(run, view)
+    numel = np.array([p["numel"] for p in params], dtype=np.int64)
+
+    stage_rows: dict[int, np.ndarray] = {s["index"]: np.flatnonzero(view.stage == s["index"]) for s in stages}
+    out_stages = []
+    per_tensor: list[list[dict]] = [[] for _ in range(P + B)]
+    for s in stages:
+        si = s["index"]
+        rows = stage_rows[si]
+        steps_here = view.step[rows]
+        trainable = set(s["trainable"]) if s.get("trainable") is not None else set()
+        groups = s.get("groups") or []
+        group_of = {}
+        for g in groups:
+            for i in g["params"]:
+                group_of.setdefault(i, g["index"])
+        grad_steps = view.grads[rows].sum(axis=0) if len(rows) else np.zeros(P, dtype=np.int64)
+        start, end = s.get("start_hashes") or [], s.get("end_hashes")
+        end_metrics = s.get("end_metrics") or {}
+        out_groups = []
+        for g in groups:
+            gp = g["params"]
+            out_groups.append({
+                "index": g["index"], "optimizer": g["optimizer"], "name": g["name"],
+                "tensors": len(gp), "params": int(numel[gp].sum()),
+                "trainable_params": int(sum(numel[i] for i in gp if i in trainable)),
+                **_group_stats(rows, view, g["index"], (s.get("lr_nominal") or [None] * len(groups))[g["index"]]
+                               if g["index"] < len(s.get("lr_nominal") or []) else None),
+            })
+        out_stages.append({
+            "index": si, "name": s["name"], "kind": s.get("kind", "train"), "complete": bool(s.get("complete")),
+            "first_step": int(steps_here.min()) if len(rows) else s.get("first_step"),
+            "last_step": int(steps_here.max()) if len(rows) else s.get("last_step"),
+            "steps": int(len(rows)), "skipped_steps": s.get("skipped_steps"), "epochs": s.get("epochs"),
+            "forward_passes": s.get("forward_passes"),
+            "params_trainable": int(sum(numel[i] for i in trainable)), "tensors_trainable": len(trainable),
+            "groups": out_groups,
+            "starts_from_previous_end": s.get("starts_from_previous_end"),
+            "continuity": s.get("continuity"),
+            "changed_since_previous_end": list(s.get("changed_since_previous_end") or []),
+            "meta": s.get("meta") or {},
+        })
+        for i in range(P + B):
+            changed = None
+            if end is not None and i < len(end) and i < len(start) and end[i] is not None and start[i] is not None:
+                changed = end[i] != start[i]
+            drift_abs = None
+            if end_metrics.get("drift") and end_metrics["drift"][i] is not None:
+                drift_abs = end_metrics["drift"][i]
+            else:
+                drift_abs = agg["last_drift"].get(si * (P + B) + i)
+            entry = {"changed": changed, "drift_abs": drift_abs, "drift_rel": _ratio(drift_abs, ref_norms[i])}
+            if i < P:
+                entry = {"group": group_of.get(i), "trainable": i in trainable if s.get("trainable") is not None else None,
+                         "in_optimizer": i in group_of, "grad_steps": int(grad_steps[i]), **entry,
+                         "update_ratio_median": agg["update_ratio_median"].get(si * (P + B) + i)}
+            per_tensor[i].append(entry)
+
+    out_params = []
+    for i, p in enumerate(params):
+        present = next((k for k, e in enumerate(per_tensor[i]) if e["trainable"] is not None), 0)
+        out_params.append({
+            "name": p["name"], "aliases": p["aliases"], "module": p["module"], "module_type": p["module_type"],
+            "shape": p["shape"], "numel": p["numel"], "is_norm": p["is_norm"], "ref_norm": ref_norms[i],
+            "present_from_stage": stages[present]["index"] if stages else None,
+            "stages": [{"stage": stages[k]["index"], **e} for k, e in enumerate(per_tensor[i])],
+        })
+    out_buffers = [{"name": b["name"], "module": b["module"],
+                    "stages": [{"stage": stages[k]["index"], "changed": e["changed"], "drift_rel": e["drift_rel"]}
+                               for k, e in enumerate(per_tensor[P + bi])]}
+                   for bi, b in enumerate(buffers)]
+    out_modules = module_rollup(out_params, ref_norms[:P], m["model"]["modules"])
+
+    sessions = [{"index": s["index"], "every": s.get("every"), "calibration": s.get("calibration"),
+                 "versions": s.get("versions"), "started": s.get("started"), "ended": s.get("ended"),
+                 "pid": s.get("pid"), "host": s.get("host")} for s in m.get("sessions", [])]
+    skipped = [s.get("skipped_steps") for s in out_stages]
+    summary = {
+        "schema": SCHEMA,
+        "run": {
+            "path": str(run.path), "framework": m.get("framework", "torch"),
+            "params_total": int(numel.sum()), "tensors_total": P, "buffers_total": B,
+            "steps": int(len(view.step)),
+            "skipped_steps": None if not skipped or any(x is None for x in skipped) else int(sum(skipped)),
+            "complete": bool(m.get("complete")), "recovered_steps": int(len(view.step)),
+            "error": m.get("error"), "reference": bool(m.get("reference", True)),
+            "sessions": sessions, "warnings": list(run.warnings),
+        },
+        "stages": out_stages,
+        "params": out_params,
+        "modules": out_modules,
+        "buffers": out_buffers,
+    }
+    from .findings import find
+
+    summary["findings"] = find(summary, view)
+    from .answers import answers
+
+    summary["answers"] = answers(summary)
+    return clean(summary)
+
+
+def module_rollup(params: list[dict], ref_norms: list, modules: list[dict]) -> list[dict]:
+    """Per module owning parameters: tri-state trainable, changed, drift_rel of its tensors."""
+    by_module: dict[str, list[int]] = {}
+    for i, p in enumerate(params):
+        by_module.setdefault(p["module"], []).append(i)
+    types = {mm["name"]: mm["type"] for mm in modules}
+    order = [mm["name"] for mm in modules if mm["name"] in by_module]
+    out = []
+    for name in order:
+        idx = by_module[name]
+        n_stages = len(params[idx[0]]["stages"])
+        st_out = []
+        for k in range(n_stages):
+            es = [params[i]["stages"][k] for i in idx]
+            tr = [e["trainable"] for e in es]
+            trainable = (None if any(t is None for t in tr) else
+                         True if all(tr) else False if not any(tr) else "partial")
+            ch = [e["changed"] for e in es]
+            changed = True if any(c is True for c in ch) else (None if any(c is None for c in ch) else False)
+            d = [e["drift_abs"] for e in es]
+            r = [ref_norms[i] for i in idx]
+            drift_rel = None
+            if all(x is not None for x in d) and all(x is not None for x in r) and sum(x * x for x in r) > 0:
+                drift_rel = math.sqrt(sum(x * x for x in d)) / math.sqrt(sum(x * x for x in r))
+            st_out.append({"stage": es[0]["stage"], "trainable": trainable, "changed": changed, "drift_rel": drift_rel})
+        groups = sorted({e["group"] for i in idx for e in params[i]["stages"] if e["group"] is not None})
+        out.append({"name": name, "type": types.get(name, params[idx[0]]["module_type"]),
+                    "groups": groups, "params": [params[i]["name"] for i in idx], "stages": st_out})
+    return out

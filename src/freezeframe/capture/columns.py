@@ -1,0 +1,65 @@
+"""Column buffers: rows accumulate as Python lists / numpy arrays and leave as Arrow tables at a flush."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from ..store import layout
+
+
+def _floats(values: list) -> list:
+    return [None if v is None or v != v else v for v in values]  # NaN -> null
+
+
+class Columns:
+    def __init__(self, n_params: int):
+        self.n_params = n_params
+        self._reset()
+
+    def _reset(self) -> None:
+        self.steps: dict[str, list] = {name: [] for name in layout.STEPS_SCHEMA.names}
+        self.tensors: list[tuple] = []
+        self.scalars: dict[str, list] = {name: [] for name in layout.SCALARS_SCHEMA.names}
+
+    def add_step(self, step, stage, session, optimizer, time, recorded, lr, momentum, wd, grads) -> None:
+        s = self.steps
+        s["step"].append(step)
+        s["stage"].append(stage)
+        s["session"].append(session)
+        s["optimizer"].append(optimizer)
+        s["time"].append(time)
+        s["recorded"].append(recorded)
+        s["lr"].append(_floats(lr))
+        s["momentum"].append(_floats(momentum))
+        s["weight_decay"].append(_floats(wd))
+        s["grads"].append(grads)
+
+    def add_tensors(self, step: int, tensor: np.ndarray, *metrics: tuple[np.ndarray, np.ndarray | None]) -> None:
+        """`metrics`: (values, measured) for grad_norm, update_norm, param_norm, drift; a value
+        not measured is stored as null (a measured NaN or Inf is kept: it is a finding)."""
+        self.tensors.append((step, tensor, *metrics))
+
+    def add_scalar(self, step: int, name: str, value: float) -> None:
+        self.scalars["step"].append(step)
+        self.scalars["name"].append(name)
+        self.scalars["value"].append(value)
+
+    def take(self) -> dict[str, pa.Table]:
+        """Everything buffered, as tables; the buffers start empty again."""
+        steps = pa.Table.from_pydict(self.steps, schema=layout.STEPS_SCHEMA)
+        scalars = pa.Table.from_pydict(self.scalars, schema=layout.SCALARS_SCHEMA)
+        if self.tensors:
+            cols = list(zip(*self.tensors))
+            tensor = np.concatenate(cols[1])
+            arrays = [pa.array(np.concatenate([np.full(len(t), s, dtype=np.int64) for s, t in zip(cols[0], cols[1])])),
+                      pa.array(tensor)]
+            for k in range(2, 6):
+                v = np.concatenate([m[0] for m in cols[k]]).astype(np.float32)
+                measured = np.concatenate([np.ones(len(m[0]), bool) if m[1] is None else m[1] for m in cols[k]])
+                arrays.append(pa.array(v, mask=~measured))
+            tensors = pa.Table.from_arrays(arrays, schema=layout.TENSORS_SCHEMA)
+        else:
+            tensors = layout.TENSORS_SCHEMA.empty_table()
+        self._reset()
+        return {layout.STEPS: steps, layout.TENSORS: tensors, layout.SCALARS: scalars}

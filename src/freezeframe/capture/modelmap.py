@@ -1,0 +1,163 @@
+"""The model map: every parameter tensor (tied tensors once), floating-point buffer and module, by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import FreezeFrameError
+
+# Name segments that wrappers insert inside a model (torch.compile of a submodule, FSDP1,
+# activation checkpointing). Names are always the unwrapped model's. A DDP / DataParallel
+# root's `module.` is removed by unwrapping the root, never by editing names, so a user's own
+# submodule called `module` keeps its name.
+_WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+_NORM_TYPES: tuple[type, ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+)
+if hasattr(nn, "RMSNorm"):
+    _NORM_TYPES = _NORM_TYPES + (nn.RMSNorm,)
+
+
+def normalise_name(name: str) -> str:
+    """Drop wrapper segments (`_orig_mod`, `_fsdp_wrapped_module`, ...) from a dotted name."""
+    return ".".join(p for p in name.split(".") if p not in _WRAPPER_SEGMENTS)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP / DataParallel / torch.compile wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        inner = getattr(model, "module", None)  # DistributedDataParallel, DataParallel
+        if isinstance(inner, nn.Module) and type(model).__name__ in {"DistributedDataParallel", "DataParallel"}:
+            model = inner
+            continue
+    return model
+
+
+def is_norm_module(module: nn.Module) -> bool:
+    return isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower()
+
+
+@dataclass
+class ParamInfo:
+    name: str
+    aliases: list[str]
+    module: str
+    module_type: str
+    shape: list[int]
+    numel: int
+    dtype: str
+    is_norm: bool
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class BufferInfo:
+    name: str
+    module: str
+    module_type: str
+    shape: list[int]
+    numel: int
+    dtype: str
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ModelMap:
+    """What the recorder knows about the model's structure. Tensors are addressed by index:
+    parameters 0..P-1, then floating-point buffers P..P+B-1."""
+
+    params: list[ParamInfo]
+    buffers: list[BufferInfo]
+    modules: list[dict]  # name, type, is_norm, in model order
+    param_tensors: list[torch.Tensor] = field(repr=False, default_factory=list)
+    buffer_tensors: list[torch.Tensor] = field(repr=False, default_factory=list)
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return self.param_tensors + self.buffer_tensors
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.params] + [b.name for b in self.buffers]
+
+    def signature(self) -> list[list]:
+        """What must match for a run to be appended to: names, shapes and dtypes of the parameters."""
+        return [[p.name, p.shape, p.dtype] for p in self.params]
+
+    def to_json(self) -> dict:
+        return {
+            "params": [p.to_json() for p in self.params],
+            "buffers": [b.to_json() for b in self.buffers],
+            "modules": self.modules,
+        }
+
+
+def build_model_map(model: nn.Module) -> ModelMap:
+    if not isinstance(model, nn.Module):
+        raise FreezeFrameError(f"watch() expects a torch.nn.Module as the model, got {type(model).__name__}")
+    root = unwrap(model)
+    modules = []
+    module_of: dict[str, nn.Module] = {}
+    for mname, mod in root.named_modules(remove_duplicate=True):
+        name = normalise_name(mname)
+        module_of[name] = mod
+        modules.append({"name": name, "type": type(mod).__name__, "is_norm": is_norm_module(mod)})
+
+    params: list[ParamInfo] = []
+    tensors: list[torch.Tensor] = []
+    by_id: dict[int, int] = {}
+    for pname, p in root.named_parameters(remove_duplicate=False):
+        name = normalise_name(pname)
+        if id(p) in by_id:  # a tied tensor: one entry, several names
+            params[by_id[id(p)]].aliases.append(name)
+            continue
+        if p.device.type == "meta":
+            raise FreezeFrameError(
+                f"parameter {name!r} is on the 'meta' device (no data): materialise the model "
+                "(e.g. model.to_empty(device=...) and load its weights) before watching it"
+            )
+        mname, _, _ = name.rpartition(".")
+        mod = module_of.get(mname, root)
+        by_id[id(p)] = len(params)
+        params.append(ParamInfo(
+            name=name, aliases=[], module=mname, module_type=type(mod).__name__,
+            shape=list(p.shape), numel=p.numel(), dtype=str(p.dtype).removeprefix("torch."),
+            is_norm=is_norm_module(mod),
+        ))
+        tensors.append(p)
+    if not params:
+        raise FreezeFrameError(f"the model ({type(root).__name__}) has no parameters: there is nothing to watch")
+
+    buffers: list[BufferInfo] = []
+    btensors: list[torch.Tensor] = []
+    seen_buf: set[int] = set()
+    for bname, b in root.named_buffers(remove_duplicate=False):
+        if b is None or not b.is_floating_point() or id(b) in seen_buf:
+            continue
+        seen_buf.add(id(b))
+        name = normalise_name(bname)
+        mname, _, _ = name.rpartition(".")
+        mod = module_of.get(mname, root)
+        buffers.append(BufferInfo(name=name, module=mname, module_type=type(mod).__name__,
+                                  shape=list(b.shape), numel=b.numel(),
+                                  dtype=str(b.dtype).removeprefix("torch.")))
+        btensors.append(b)
+    return ModelMap(params=params, buffers=buffers, modules=modules,
+                    param_tensors=tensors, buffer_tensors=btensors)

@@ -1,0 +1,601 @@
+"""The Recorder: owns every hook, finds the stages, measures each step, and hands rows to the store."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+import socket
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import FreezeFrameError
+from ..store import writer as store
+from . import metrics
+from .columns import Columns
+from .modelmap import build_model_map
+from .optim import OptimizerView, as_view, build_layout
+from .sampling import Sampler
+from .stages import StageRecord, judge_continuity, previous_for_continuity
+
+log = logging.getLogger("freezeframe")
+
+
+@dataclass
+class Options:
+    """Keyword options of `watch()` and the framework callbacks."""
+
+    budget: float = 0.03             # overhead budget when every=None, as a fraction of step time
+    reference: bool = True           # keep W_ref (one copy of the parameters) to measure drift
+    reference_device: str | None = None  # where W_ref lives for drift ("cpu" spares accelerator memory)
+    flush_seconds: float = 5.0       # the longest a step waits in memory before it is written
+    hash_threads: int = 2            # threads hashing tensors at stage boundaries
+    framework: str = "torch"         # set by integrations: "fastai", "lightning"
+    framework_versions: dict = field(default_factory=dict)  # set by integrations
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> "Options":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise FreezeFrameError(f"unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(known))}")
+        return cls(**kwargs)
+
+
+def _versions(extra: dict) -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "freezeframe": __version__, **extra}
+
+
+class Recorder:
+    """Watches one model and its optimizers; see `freezeframe.watch`. Use as a context manager
+    or call `close()`. Every hook it places is removed by `close()`."""
+
+    def __init__(self, model: nn.Module, optimizers, run_dir, *, every: int | None = None,
+                 mode: str = "append", **options):
+        self.options = Options.from_kwargs(options)
+        if not isinstance(model, nn.Module):
+            raise FreezeFrameError(f"watch() expects a torch.nn.Module as the model, got {type(model).__name__}")
+        if optimizers is None:
+            optimizers = []
+        elif not isinstance(optimizers, (list, tuple)):
+            optimizers = [optimizers]
+        self._views: list[OptimizerView] = [as_view(o) for o in optimizers]
+        self.sampler = Sampler(every, self.options.budget)
+        self.model = model
+        self.map = build_model_map(model)
+        self._params = self.map.param_tensors
+        self._buffers = self.map.buffer_tensors
+        self._names = self.map.names
+        self._P, self._B = len(self._params), len(self._buffers)
+        self._index_of = {id(p): i for i, p in enumerate(self._params)}
+
+        self.path, existing = store.prepare_run_dir(run_dir, mode)
+        self._stages: list[StageRecord] = []
+        self._sessions: list[dict] = []
+        self._step = 0
+        self._created = time.time()
+        if existing is not None:
+            self._adopt(existing)
+        self._lock = store.acquire_lock(self.path)
+        self._handles: list = []
+        self._closed = False
+        self._dead = False
+        try:
+            self._setup_reference(existing)
+            self.session = len(self._sessions)
+            self._sessions.append({
+                "index": self.session, "pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.time(), "ended": None, "first_step": self._step, "every": self.sampler.every,
+                "calibration": None, "argv": list(sys.argv), "versions": _versions(self.options.framework_versions),
+            })
+            self._writer = store.RunWriter(self.path, self.session)
+            self._cols = Columns(self._P)
+            self._init_state()
+            self._install_hooks()
+            self._flush()
+        except BaseException:
+            self._remove_hooks()
+            self._lock.unlink(missing_ok=True)
+            raise
+
+    # ------------------------------------------------------------------ set-up
+    def _adopt(self, manifest: dict) -> None:
+        """Continue a stored run (mode="append"): same model map or a clear refusal."""
+        stored = manifest.get("signature")
+        mine = self.map.signature()
+        if stored != mine:
+            diff = _first_difference(stored or [], mine)
+            raise FreezeFrameError(f"{str(self.path)!r} holds a run of a different model ({diff}); "
+                                   "use another run directory or mode='overwrite'")
+        if manifest.get("framework") not in (None, self.options.framework):
+            log.info("freezeframe: appending %s stages to a %s run", self.options.framework, manifest["framework"])
+        self._created = manifest.get("created", self._created)
+        self._stages = [StageRecord.from_json(s) for s in manifest.get("stages", [])]
+        self._sessions = list(manifest.get("sessions", []))
+        from ..store.reader import read_run  # the steps on disk may be ahead of the manifest
+
+        stored_run = read_run(self.path)
+        last = stored_run.steps.column("step").to_pylist()
+        self._step = max([manifest.get("steps_total", 0)] + [s + 1 for s in last[-1:]])
+
+    def _setup_reference(self, existing: dict | None) -> None:
+        from safetensors.torch import load_file, save_file
+
+        tensors = self._params + self._buffers
+        self._ref: list[torch.Tensor | None] = [None] * len(tensors)
+        ref_file = self.path / "reference.safetensors"
+        if not self.options.reference:
+            self._ref_norms = [None] * len(tensors)
+            return
+        device = self.options.reference_device
+        if existing is not None and ref_file.exists():
+            stored = load_file(str(ref_file))
+            for i, (name, t) in enumerate(zip(self._names, tensors)):
+                r = stored.get(name)
+                if r is not None and tuple(r.shape) == tuple(t.shape):
+                    self._ref[i] = r.to(device=device or t.device, dtype=t.dtype)
+            self._ref_norms = (existing.get("ref_norms") or [None] * len(tensors))
+            return
+        with torch.no_grad():
+            cpu = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in zip(self._names, tensors)}
+        save_file(cpu, str(ref_file))
+        for i, (name, t) in enumerate(zip(self._names, tensors)):
+            self._ref[i] = cpu[name] if (device or t.device.type) == "cpu" else t.detach().to(device or t.device, copy=True)
+        self._ref_norms = [float(x) for x in metrics.to_host(metrics.norms([t for t in cpu.values()]))]
+
+    def _init_state(self) -> None:
+        P = self._P
+        self._layout = build_layout(self._views, self._index_of, P)
+        self._count_idx = [np.union1d(m, self._layout.orphans) for m in self._layout.members]
+        self._stage: StageRecord | None = None
+        self._stage_layout = None
+        self._explicit: dict | None = None      # the explicit stage we are inside: name, kind, parts
+        self._force_new = False
+        self._grad_flags = np.zeros(P, dtype=np.uint8)
+        self._hooked = np.zeros(P, dtype=bool)
+        self._pending_train_fwd = 0
+        self._pending: dict | None = None
+        self._own_s = 0.0                       # time spent in our hooks since the last pre-step
+        self._last_pre_t: float | None = None
+        self._last_rec_s: float | None = None
+        self._last_flush = time.monotonic()
+        self._count_forwards = True
+        self._warned: set[str] = set()
+        # Known state of every tensor at the last boundary point (watch start, a known stage
+        # end): their hashes; buffers written outside forward passes since then, with the hash
+        # taken right after the write; the version counters that detect such writes.
+        self._baseline = metrics.content_hashes(self._params + self._buffers, threads=self.options.hash_threads)
+        self._end_taken = True
+        self._buf_written: dict[int, str] = {}
+        self._buf_versions = [b._version for b in self._buffers]
+        self._param_versions_post = [p._version for p in self._params]
+        self._buf_copies = metrics.snapshot(self._buffers)
+
+    def _install_hooks(self) -> None:
+        for j, view in enumerate(self._views):
+            opt = view.hookable
+            if opt is not None:
+                self._handles.append(opt.register_step_pre_hook(functools.partial(self._hook_pre_step, j)))
+                self._handles.append(opt.register_step_post_hook(functools.partial(self._hook_post_step, j)))
+        self._handles.append(self.model.register_forward_pre_hook(self._hook_forward_pre))
+        self._handles.append(self.model.register_forward_hook(self._hook_forward_post))
+        self._hook_new_trainable()
+
+    def _hook_new_trainable(self) -> None:
+        """Place a post-accumulate-grad hook on every trainable tensor that has none yet (a hook
+        cannot be placed on a frozen tensor; tensors unfrozen later get theirs at the next forward)."""
+        for i in np.flatnonzero(~self._hooked):
+            p = self._params[i]
+            if p.requires_grad:
+                self._handles.append(p.register_post_accumulate_grad_hook(functools.partial(self._hook_grad, int(i))))
+                self._hooked[i] = True
+
+    def _remove_hooks(self) -> None:
+        for h in getattr(self, "_handles", []):
+            try:
+                h.remove()
+            except Exception:  # noqa: BLE001
+                pass
+        self._handles = []
+
+    # ------------------------------------------------------------------ guarded entry points
+    def _fail(self, where: str, exc: BaseException) -> None:
+        """Any error inside the recorder: one warning, recording stops, training goes on."""
+        if self._dead:
+            return
+        self._dead = True
+        self._remove_hooks()
+        warnings.warn(f"freezeframe stopped recording {str(self.path)!r} after an internal error in {where}: "
+                      f"{type(exc).__name__}: {exc}. Training is not affected; steps recorded so far are kept.",
+                      RuntimeWarning, stacklevel=3)
+        log.debug("freezeframe internal error", exc_info=exc)
+        self._error = f"{where}: {type(exc).__name__}: {exc}"
+        try:
+            self._flush(complete=False)
+            self._writer.close(compact=False)
+        except BaseException:  # noqa: BLE001 - the disk may be the fault
+            pass
+        self._lock.unlink(missing_ok=True)
+        self._closed = True
+
+    def _guard(self, where: str, fn, *args):
+        if self._dead:
+            return None
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                return fn(*args)
+        except Exception as e:  # noqa: BLE001
+            self._fail(where, e)
+            return None
+        finally:
+            self._own_s += time.perf_counter() - t0
+
+    def _hook_pre_step(self, j, optimizer, args, kwargs):
+        self._guard("the optimizer step pre-hook", self._pre_step, j)
+
+    def _hook_post_step(self, j, optimizer, args, kwargs):
+        self._guard("the optimizer step post-hook", self._post_step, j)
+
+    def _hook_grad(self, i: int, param) -> None:
+        self._grad_flags[i] = 1
+
+    def _hook_forward_pre(self, module, args):
+        self._guard("the forward pre-hook", self._forward_pre, module, torch.is_grad_enabled())
+
+    def _hook_forward_post(self, module, args, output):
+        self._guard("the forward hook", self._forward_post)
+
+    # ------------------------------------------------------------------ forward passes
+    def _detect_buffer_writes(self) -> None:
+        """Buffers written outside a forward pass or a step (load_state_dict, in-place edits):
+        hash them now, right after the write, as the start state of the next stage."""
+        for b, buf in enumerate(self._buffers):
+            v = buf._version
+            if v != self._buf_versions[b]:
+                self._buf_versions[b] = v
+                self._buf_written[b] = metrics.content_hash(buf)
+
+    def _forward_pre(self, module, grad_enabled: bool) -> None:
+        self._detect_buffer_writes()
+        if module.training:
+            if self._count_forwards:
+                self._pending_train_fwd += 1
+            if grad_enabled and not self._hooked.all():
+                self._hook_new_trainable()
+        elif self._count_forwards and self._stage is not None:
+            self._stage.forward_passes["eval"] += 1
+
+    def _forward_post(self) -> None:
+        for b, buf in enumerate(self._buffers):
+            self._buf_versions[b] = buf._version
+
+    # ------------------------------------------------------------------ steps
+    def _pre_step(self, j: int) -> None:
+        t_start = time.perf_counter()
+        if self._last_pre_t is not None and self._last_rec_s is not None and self.sampler.calibrating:
+            # Between the previous pre-step and now: our own time (hooks) and the user's.
+            training = (t_start - self._last_pre_t) - self._own_s
+            if self.sampler.observe(max(training, 1e-9), self._last_rec_s, max(self._own_s - self._last_rec_s, 0.0)):
+                self._sessions[self.session]["every"] = self.sampler.every
+                self._sessions[self.session]["calibration"] = self.sampler.measured
+        self._last_pre_t, self._own_s, self._last_rec_s = t_start, 0.0, None
+        self._detect_buffer_writes()
+        view = self._views[j]
+        if view.membership_key() != self._layout.key[j]:
+            self._layout = build_layout(self._views, self._index_of, self._P)
+            self._count_idx = [np.union1d(m, self._layout.orphans) for m in self._layout.members]
+        trainable = [i for i, p in enumerate(self._params) if p.requires_grad]
+        st = self._stage
+        began = (st is None or self._force_new or st.trainable != trainable
+                 or (self._layout is not self._stage_layout and st.groups != self._layout.groups))
+        if began:
+            self._begin_stage(trainable)
+        self._stage_layout = self._layout
+        hypers = [h for v in self._views for h in v.hypers()]
+        stage = self._stage
+        for g, (_, _, _, nominal) in enumerate(hypers):
+            if nominal is not None:
+                stage.lr_nominal[g] = nominal
+        recorded = self.sampler.is_recorded(self._step - stage.first_step)
+        pending = {"j": j, "recorded": recorded, "hypers": hypers, "rec_s": 0.0, "began": began}
+        if recorded:
+            t0 = time.perf_counter()
+            cand = [int(i) for i in self._layout.members[j]
+                    if self._params[i].requires_grad or self._params[i].grad is not None]
+            pending["cand"] = cand
+            pending["before"] = metrics.snapshot([self._params[i] for i in cand])
+            pending["rec_s"] = time.perf_counter() - t0
+        self._pending = pending
+
+    def _begin_stage(self, trainable: list[int]) -> None:
+        P = self._P
+        now_p = metrics.content_hashes(self._params, threads=self.options.hash_threads)
+        prev = self._stage
+        if self._end_taken or prev is None:
+            base = self._baseline
+        else:
+            # An automatic boundary, found only now: the previous stage's end is proved by
+            # version counters (unwritten params equal their current bytes); buffers come from
+            # the copy taken at its last step.
+            versions = [p._version for p in self._params]
+            end_p = [h if v == v0 else None for h, v, v0 in zip(now_p, versions, self._param_versions_post)]
+            end_b = metrics.content_hashes(self._buf_copies)
+            written = [v != v0 for v, v0 in zip(versions, self._param_versions_post)]
+            self._close_stage(prev, end_p + end_b, "versions",
+                              self._params, self._buf_copies, skip=written)
+            base = end_p + end_b
+        start_b = [self._buf_written.get(b, base[P + b]) for b in range(self._B)]
+        ex = self._explicit
+        if ex is not None:
+            ex["parts"] += 1
+            name = ex["name"] if ex["parts"] == 1 else f"{ex['name']} (part {ex['parts']})"
+            kind, explicit, meta = ex["kind"], True, dict(ex.get("meta") or {})
+        else:
+            name, kind, explicit, meta = f"stage {len(self._stages)}", "train", False, {}
+        stage = StageRecord(
+            index=len(self._stages), name=name, kind=kind, explicit=explicit, session=self.session,
+            first_step=self._step, trainable=trainable,
+            groups=[dict(g, params=list(g["params"])) for g in self._layout.groups],
+            start_hashes=now_p + start_b, grad_steps=np.zeros(P, dtype=np.int64),
+            lr_nominal=[None] * len(self._layout.groups), meta=meta,
+        )
+        judge_continuity(stage, previous_for_continuity(self._stages), self._names)
+        self._stages.append(stage)
+        self._stage = stage
+        self._force_new = False
+        self._end_taken = False
+
+    def _post_step(self, j: int) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None or pending["j"] != j:
+            return  # the pre-hook did not run for this step (recorder attached mid-step)
+        stage = self._stage
+        step = self._step
+        rec_s = pending["rec_s"]
+        idx = self._count_idx[j]
+        got = self._grad_flags[idx]
+        stage.grad_steps[idx] += got
+        mask = np.zeros(self._P, dtype=np.uint8)
+        mask[idx] = got
+        self._grad_flags[idx] = 0
+        hypers = pending["hypers"]
+        self._cols.add_step(step, stage.index, self.session, j, time.time(), pending["recorded"],
+                            [h[0] for h in hypers], [h[1] for h in hypers], [h[2] for h in hypers],
+                            np.packbits(mask).tobytes())
+        if pending["recorded"]:
+            t0 = time.perf_counter()
+            self._record_metrics(step, pending["cand"], pending["before"])
+            rec_s += time.perf_counter() - t0
+        stage.steps += 1
+        stage.last_step = step
+        stage.forward_passes["train"] += self._pending_train_fwd
+        self._pending_train_fwd = 0
+        self._step += 1
+        # State for the next boundary: versions prove what was not written after this step.
+        self._param_versions_post = [p._version for p in self._params]
+        if self._buffers:
+            torch._foreach_copy_(self._buf_copies, self._buffers)
+            self._buf_versions = [b._version for b in self._buffers]
+        self._buf_written.clear()
+        self._end_taken = False
+        if time.monotonic() - self._last_flush > self.options.flush_seconds:
+            self._flush()
+        elif pending["recorded"] and not pending["began"]:
+            self._last_rec_s = rec_s  # a clean sample for calibration (no boundary, no flush)
+
+    def _record_metrics(self, step: int, cand: list[int], before: list[torch.Tensor]) -> None:
+        params = [self._params[i] for i in cand]
+        p_norm, u_norm = metrics.update_norms(before, params)
+        with_grad = [k for k, p in enumerate(params) if p.grad is not None]
+        g_norm = metrics.norms([params[k].grad for k in with_grad])
+        with_ref = [k for k, i in enumerate(cand) if self._ref[i] is not None]
+        drift = metrics.distances([params[k] for k in with_ref], [self._ref[cand[k]] for k in with_ref])
+        bref = [b for b in range(self._B) if self._ref[self._P + b] is not None]
+        b_norm = metrics.norms(self._buffers)
+        b_drift = metrics.distances([self._buffers[b] for b in bref], [self._ref[self._P + b] for b in bref])
+        host = metrics.to_host(p_norm + u_norm + g_norm + drift + b_norm + b_drift)  # the one sync
+        parts = np.split(host, np.cumsum([len(p_norm), len(u_norm), len(g_norm), len(drift), len(b_norm)]))
+        n, B = len(cand), self._B
+        self._cols.add_tensors(step, np.asarray(cand, dtype=np.int32),
+                               _scatter(n, with_grad, parts[2]), (parts[1], None), (parts[0], None),
+                               _scatter(n, with_ref, parts[3]))
+        if B:
+            none = (np.zeros(B, np.float32), np.zeros(B, bool))
+            self._cols.add_tensors(step, np.arange(self._P, self._P + B, dtype=np.int32),
+                                   none, none, (parts[4], None), _scatter(B, bref, parts[5]))
+
+    # ------------------------------------------------------------------ boundaries
+    def _close_stage(self, stage: StageRecord, end_hashes: list, kind: str, params, buffers, skip=None) -> None:
+        """Store a stage's end: hashes, and its exact norms and drift (params listed in `skip` were
+        written after the stage's last step: their end state is unknown)."""
+        tensors = list(params) + list(buffers)
+        norms = metrics.norms(tensors)
+        keep = [i for i in range(len(tensors)) if self._ref[i] is not None]
+        drift = metrics.distances([tensors[i] for i in keep], [self._ref[i] for i in keep])
+        host = metrics.to_host(norms + drift)
+        n = len(tensors)
+        dr = [None] * n
+        for k, i in enumerate(keep):
+            dr[i] = _finite(host[n + k])
+        pn = [_finite(x) for x in host[:n]]
+        if skip is not None:
+            for i, s in enumerate(skip):
+                if s:
+                    pn[i] = dr[i] = None
+        stage.end_hashes = end_hashes
+        stage.end_kind = kind
+        stage.end_metrics = {"param_norm": pn, "drift": dr}
+        stage.complete = True
+
+    def _capture_end(self) -> None:
+        """A known stage end (explicit stage exit, framework boundary, close): hash everything."""
+        if self._end_taken or self._stage is None:
+            return
+        hashes = metrics.content_hashes(self._params + self._buffers, threads=self.options.hash_threads)
+        self._close_stage(self._stage, hashes, "hashed", self._params, self._buffers)
+        self._baseline = hashes
+        self._end_taken = True
+        self._buf_written.clear()
+        self._buf_versions = [b._version for b in self._buffers]
+        self._flush()
+
+    # ------------------------------------------------------------------ the store
+    def _manifest(self, complete: bool) -> dict:
+        return {
+            "schema": "freezeframe.run/1", "schema_version": 1, "framework": self.options.framework,
+            "created": self._created, "complete": complete, "steps_total": self._step,
+            "reference": bool(self.options.reference), "ref_norms": [_finite(x) for x in self._ref_norms],
+            "signature": self.map.signature(), "model": self.map.to_json(),
+            "sessions": self._sessions, "stages": [s.to_json() for s in self._stages],
+            "error": getattr(self, "_error", None),
+        }
+
+    def _flush(self, complete: bool = False) -> None:
+        import json
+
+        if self._writer.error is not None:
+            err, self._writer.error = self._writer.error, None
+            raise RuntimeError(f"writing the run failed: {err}") from err
+        manifest = json.dumps(self._manifest(complete), allow_nan=False).encode()
+        self._writer.submit(self._cols.take(), manifest)
+        self._last_flush = time.monotonic()
+
+    # ------------------------------------------------------------------ public API
+    @contextmanager
+    def stage(self, name: str, *, kind: str = "train", meta: dict | None = None):
+        """Name the stage formed by the steps inside the block. A change of the trainable set or
+        of param-group membership inside it starts "<name> (part 2)"."""
+        if not isinstance(name, str) or not name:
+            raise FreezeFrameError(f"a stage name must be a non-empty string, got {name!r}")
+        if kind not in ("train", "trial"):
+            raise FreezeFrameError(f"stage kind must be 'train' or 'trial', got {kind!r}")
+        self.begin_stage(name, kind=kind, meta=meta)
+        try:
+            yield self
+        finally:
+            self.end_stage()
+
+    def begin_stage(self, name: str, *, kind: str = "train", meta: dict | None = None) -> None:
+        """The start of an explicit stage (integrations call this at a framework boundary)."""
+        self._guard("stage start", self._begin_explicit, name, kind, meta)
+
+    def end_stage(self) -> None:
+        """The end of an explicit stage: its end state is hashed now."""
+        self._guard("stage end", self._end_explicit)
+
+    def _begin_explicit(self, name, kind, meta) -> None:
+        self._capture_end()
+        self._explicit = {"name": name, "kind": kind, "parts": 0, "meta": meta}
+        self._force_new = True
+
+    def _end_explicit(self) -> None:
+        self._capture_end()
+        self._explicit = None
+        self._force_new = True
+
+    def track(self, optimizer) -> None:
+        """Follow an optimizer created after watching began (e.g. rebuilt after unfreezing)."""
+        view = as_view(optimizer)
+        if self._dead or self._closed:
+            return
+        if any(getattr(v, "hookable", None) is optimizer and optimizer is not None for v in self._views):
+            return
+        j = len(self._views)
+        self._views.append(view)
+        if view.hookable is not None:
+            self._handles.append(view.hookable.register_step_pre_hook(functools.partial(self._hook_pre_step, j)))
+            self._handles.append(view.hookable.register_step_post_hook(functools.partial(self._hook_post_step, j)))
+        self._layout = build_layout(self._views, self._index_of, self._P)
+        self._count_idx = [np.union1d(m, self._layout.orphans) for m in self._layout.members]
+
+    def log(self, **scalars) -> None:
+        """Attach scalars (e.g. loss=...) to the most recent applied step."""
+        if self._dead or self._closed or self._step == 0:
+            return
+        self._guard("log()", self._log, scalars)
+
+    def _log(self, scalars: dict) -> None:
+        for name, value in scalars.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().float().item()  # a sync point, as the user's own .item() would be
+            self._cols.add_scalar(self._step - 1, str(name), float(value))
+
+    def set_counting(self, on: bool) -> None:
+        """Integrations switch forward-pass counting off outside training fits."""
+        self._count_forwards = bool(on)
+
+    @property
+    def every(self) -> int | None:
+        return self.sampler.every
+
+    @property
+    def steps(self) -> int:
+        return self._step
+
+    def close(self, *, complete: bool = True) -> None:
+        if self._closed:
+            return
+        try:
+            if not self._dead:
+                self._capture_end()
+                self._sessions[self.session]["ended"] = time.time()
+                self._flush(complete=complete)
+                self._writer.close()
+                if self._writer.error is not None:
+                    raise RuntimeError(f"writing the run failed: {self._writer.error}")
+        except Exception as e:  # noqa: BLE001
+            self._fail("close()", e)
+        finally:
+            self._closed = True
+            self._remove_hooks()
+            self._lock.unlink(missing_ok=True)
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(complete=exc_type is None)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("failed" if self._dead else "recording")
+        return f"<freezeframe.Recorder {str(self.path)!r} {state}, {self._step} steps, {len(self._stages)} stages>"
+
+
+def _scatter(n: int, where: list[int], values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    out = np.zeros(n, dtype=np.float32)
+    measured = np.zeros(n, dtype=bool)
+    out[where] = values
+    measured[where] = True
+    return out, measured
+
+
+def _finite(x) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def _first_difference(stored: list, mine: list) -> str:
+    a = {row[0]: row for row in stored}
+    b = {row[0]: row for row in mine}
+    for name in b:
+        if name not in a:
+            return f"{name!r} is not in the stored run"
+    for name in a:
+        if name not in b:
+            return f"{name!r} is missing from this model"
+    for name in b:
+        if a[name] != b[name]:
+            return f"{name!r} was {a[name][1]} {a[name][2]}, now {b[name][1]} {b[name][2]}"
+    return "parameter order differs"

@@ -1,0 +1,52 @@
+"""The sampling schedule: which steps get tensor metrics, and the calibration of `every`."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+
+class Sampler:
+    """`every=N` records metrics on every N-th step of a stage (the first step always).
+    `every=None` records the first `calibration_steps` steps, measures what recording costs
+    against the training step it watches, then fixes N so that the overhead stays within
+    `budget` (a fraction of step time), and keeps it for the session."""
+
+    def __init__(self, every: int | None, budget: float, *, calibration_steps: int = 8, warmup: int = 2,
+                 max_every: int = 10_000):
+        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+            raise ValueError(f"every must be a positive integer or None, got {every!r}")
+        if not 0 < budget < 1:
+            raise ValueError(f"overhead budget must be a fraction between 0 and 1, got {budget!r}")
+        self.every = every
+        self.budget = budget
+        self.calibration_steps = calibration_steps
+        self.warmup = warmup
+        self.max_every = max_every
+        self._samples: list[tuple[float, float, float]] = []  # (training s, recording s, cheap s)
+        self.measured: dict | None = None
+
+    @property
+    def calibrating(self) -> bool:
+        return self.every is None
+
+    def is_recorded(self, step_in_stage: int) -> bool:
+        if self.every is None:
+            return True
+        return step_in_stage % self.every == 0
+
+    def observe(self, training_s: float, recording_s: float, cheap_s: float) -> bool:
+        """Feed one recorded step's timings; returns True when `every` was just fixed."""
+        if self.every is not None:
+            return False
+        self._samples.append((training_s, recording_s, cheap_s))
+        if len(self._samples) < self.warmup + self.calibration_steps:
+            return False
+        used = self._samples[self.warmup:]
+        train = statistics.median(s[0] for s in used)
+        rec = statistics.median(s[1] for s in used)
+        cheap = statistics.median(s[2] for s in used)
+        room = max(self.budget * train - cheap, 0.1 * self.budget * train)
+        self.every = int(min(self.max_every, max(1, math.ceil(rec / room)))) if room > 0 else self.max_every
+        self.measured = {"step_s": train, "recording_s": rec, "per_step_s": cheap, "budget": self.budget}
+        return True

@@ -1,0 +1,83 @@
+"""Stage records and the continuity verdict between a stage's start and the previous stage's end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class StageRecord:
+    index: int
+    name: str
+    kind: str                      # "train" | "trial"
+    explicit: bool                 # named by the user or a framework, not discovered
+    session: int
+    first_step: int
+    trainable: list[int]           # param indices with requires_grad for the whole stage
+    groups: list[dict]             # index, optimizer, name, params (param indices)
+    start_hashes: list[str]        # params then buffers, before the stage's first update
+    last_step: int = -1
+    steps: int = 0
+    skipped_steps: int | None = None
+    complete: bool = False
+    epochs: int | None = None
+    forward_passes: dict = field(default_factory=lambda: {"train": 0, "eval": 0})
+    lr_nominal: list = field(default_factory=list)   # per group: the peak the schedule states
+    grad_steps: np.ndarray | None = None              # per param
+    end_hashes: list | None = None                    # per tensor, None entries where unknown
+    end_kind: str | None = None                       # "hashed" | "versions"
+    end_metrics: dict | None = None                   # exact norms and drift at a known end
+    compared_with: int | None = None
+    changed_since_previous_end: list[str] = field(default_factory=list)
+    starts_from_previous_end: bool | None = None
+    continuity: str | None = None
+    meta: dict = field(default_factory=dict)          # framework facts, as given
+
+    def to_json(self) -> dict:
+        d = dict(self.__dict__)
+        d["grad_steps"] = None if self.grad_steps is None else self.grad_steps.tolist()
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "StageRecord":
+        d = dict(d)
+        gs = d.get("grad_steps")
+        d["grad_steps"] = None if gs is None else np.asarray(gs, dtype=np.int64)
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def previous_for_continuity(stages: list[StageRecord]) -> StageRecord | None:
+    """Continuity after a trial stage (lr_find) is judged against the last non-trial stage."""
+    for st in reversed(stages):
+        if st.kind != "trial":
+            return st
+    return None
+
+
+def judge_continuity(stage: StageRecord, prev: StageRecord | None, names: list[str]) -> None:
+    """Fill the stage's continuity facts from `prev`'s end hashes and its own start hashes.
+
+    A None in `prev.end_hashes` is a tensor written after `prev`'s last step at a boundary only
+    discovered later (its end bytes were never hashed): it is listed as changed."""
+    if prev is None:
+        stage.compared_with = None
+        stage.changed_since_previous_end = []
+        stage.starts_from_previous_end = None
+        stage.continuity = None
+        return
+    stage.compared_with = prev.index
+    end = prev.end_hashes
+    if end is None:
+        end = [None] * len(names)
+    changed = []
+    for i, name in enumerate(names):
+        e = end[i] if i < len(end) else None
+        s = stage.start_hashes[i] if i < len(stage.start_hashes) else None
+        if e is None or s is None or e != s:
+            changed.append(name)
+    stage.changed_since_previous_end = changed
+    stage.starts_from_previous_end = not changed
+    stage.continuity = "bitwise" if prev.end_kind == "hashed" else "written"

@@ -1,0 +1,94 @@
+"""The `freezeframe` command line: argument parsing and calls into the library (the only place that prints)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from . import __version__
+from .errors import FreezeFrameError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _load(path):
+    from .run import Run
+
+    return Run.load(path)
+
+
+def cmd_summary(args) -> int:
+    run = _load(args.run)
+    if args.json:
+        print(json.dumps(run.summary(), indent=2, allow_nan=False))
+        return 0
+    from .render.terminal import run_renderable
+
+    _console().print(run_renderable(run.summary(), depth=args.depth))
+    return 0
+
+
+def cmd_check(args) -> int:
+    run = _load(args.run)
+    findings = run.findings()
+    if args.json:
+        print(json.dumps({"schema": "freezeframe.check/1", "findings": findings}, indent=2, allow_nan=False))
+    else:
+        from .render.terminal import findings_renderable
+
+        _console().print(findings_renderable(findings))
+    return 1 if any(f["severity"] == "error" for f in findings) else 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(out=args.out, seed=args.seed, fastai=args.fastai, console=_console())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="freezeframe",
+                                description="See and verify what each stage of fine-tuning did to every layer.")
+    p.add_argument("--version", action="version", version=f"freezeframe {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what freezeframe does")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("summary", help="the freeze map, the stages with their learning rates, the answers, the findings")
+    s.add_argument("run", help="a run directory")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON (schema freezeframe.summary/1)")
+    s.add_argument("--depth", type=int, default=None, help="module-tree depth of the freeze map (default: fits ~40 rows)")
+    s.set_defaults(func=cmd_summary)
+
+    c = sub.add_parser("check", help="list the findings; exit 1 if any is an error, 2 if the run cannot be read")
+    c.add_argument("run", help="a run directory")
+    c.add_argument("--json", action="store_true", help="print {schema: freezeframe.check/1, findings: [...]}")
+    c.set_defaults(func=cmd_check)
+
+    d = sub.add_parser("demo", help="fine-tune a small pretrained CNN on scikit-learn's digits and show what happened")
+    d.add_argument("--out", default="runs/demo", help="where to write the run (default: runs/demo)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    d.add_argument("--fastai", action="store_true", help="run the same story with a real fastai Learner")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except FreezeFrameError as e:
+        print(f"freezeframe: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Render: terminal, images, HTML and notebook views of a Run; none computes."""

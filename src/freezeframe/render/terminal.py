@@ -1,0 +1,116 @@
+"""Terminal rendering (rich renderables; this module never prints)."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from ..analyse.rollup import auto_depth, rollup
+
+SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+def _lr(x) -> str:
+    return "—" if x is None else f"{x:.3g}"
+
+
+def _pct(x) -> str:
+    if x is None:
+        return "?"
+    return f"{100 * x:.2g}%" if x < 0.1 else f"{100 * x:.0f}%"
+
+
+def header(summary: dict) -> Text:
+    r = summary["run"]
+    state = "complete" if r["complete"] else f"INTERRUPTED — {r['recovered_steps']} steps recovered"
+    t = Text()
+    t.append("freezeframe run ", style="bold")
+    t.append(r["path"], style="bold cyan")
+    t.append(f"  {r['framework']} · {r['tensors_total']} tensors · {r['params_total']:,} parameters · "
+             f"{r['steps']} steps · {len(summary['stages'])} stages · {state}")
+    if r.get("error"):
+        t.append(f"\nrecording stopped early: {r['error']}", style="red")
+    for w in r.get("warnings") or []:
+        t.append(f"\nwarning: {w}", style="yellow")
+    return t
+
+
+def stages_table(summary: dict) -> Table:
+    table = Table(title="Stages", title_justify="left", expand=False)
+    for col in ("#", "stage", "steps", "fwd train/eval", "trainable", "lr_max per group", "starts from previous end"):
+        table.add_column(col, overflow="fold")
+    for s in summary["stages"]:
+        fp = s["forward_passes"] or {}
+        if s["starts_from_previous_end"] is None:
+            cont = Text("— (first)", style="dim")
+        elif s["starts_from_previous_end"]:
+            cont = Text(f"yes ({s['continuity']})", style="green")
+        else:
+            cont = Text(f"NO: {len(s['changed_since_previous_end'])} tensors differ ({s['continuity']})", style="bold red")
+        name = Text(s["name"]) + (Text(" [trial]", style="dim") if s["kind"] == "trial" else Text(""))
+        lrs = " / ".join(f"{g['name']} {_lr(g['lr_max'])}" for g in s["groups"]) or "—"
+        table.add_row(str(s["index"]), name, str(s["steps"]), f"{fp.get('train')}/{fp.get('eval')}",
+                      f"{s['tensors_trainable']}/{summary['run']['tensors_total']} tensors\n{s['params_trainable']:,} params",
+                      lrs, cont)
+    return table
+
+
+def _cell(entry: dict) -> Text:
+    tr = entry["trainable"]
+    moved = _pct(entry["drift_rel"]) if entry["drift_rel"] is not None else ""
+    if tr is True:
+        t = Text("trains", style="green")
+    elif tr == "partial":
+        t = Text("partial", style="yellow")
+    elif tr is False:
+        t = Text("frozen", style="blue")
+    else:
+        t = Text("?", style="dim")
+    if entry["changed"] is True:
+        t.append(f" Δ{moved}" if moved else " Δ")
+    elif entry["changed"] is False:
+        t.append(" =", style="dim")
+    return t
+
+
+def freeze_map(summary: dict, *, depth: int | None = None, max_rows: int = 40) -> Table:
+    depth = auto_depth(summary, max_rows) if depth is None else depth
+    rows = rollup(summary, depth)
+    table = Table(title=f"Freeze map (module tree to depth {depth}; Δ = bytes changed, % = distance from the "
+                        "starting weights at stage end, = = bitwise unchanged)", title_justify="left")
+    table.add_column("module", overflow="fold")
+    table.add_column("params", justify="right")
+    for s in summary["stages"]:
+        table.add_column(f"{s['index']}: {s['name']}", overflow="fold")
+    for row in rows:
+        table.add_row(Text(row["name"]) + Text(f" ({', '.join(row['types'][:2])})", style="dim"),
+                      f"{row['numel']:,}", *[_cell(e) for e in row["stages"]])
+    return table
+
+
+def answers_panel(summary: dict) -> Panel:
+    parts = []
+    for a in summary["answers"]:
+        parts.append(Text(a["question"], style="bold"))
+        parts.append(Text(a["answer"] + "\n"))
+    return Panel(Group(*parts), title="The three questions, answered from this run", title_align="left")
+
+
+def findings_renderable(findings: list[dict]):
+    if not findings:
+        return Text("Findings: none — no known fine-tuning mistake in this run.", style="green")
+    t = Text("Findings:\n", style="bold")
+    for f in findings:
+        t.append(f"  {f['severity'].upper():7} ", style=SEVERITY_STYLE[f["severity"]])
+        t.append(f"{f['code']}", style="bold")
+        if f["stage"] is not None:
+            t.append(f" (stage {f['stage']})")
+        t.append(f": {f['message']}\n")
+    return t
+
+
+def run_renderable(summary: dict, *, depth: int | None = None) -> Group:
+    return Group(header(summary), stages_table(summary), freeze_map(summary, depth=depth),
+                 answers_panel(summary), findings_renderable(summary["findings"]))

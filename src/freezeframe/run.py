@@ -1,0 +1,80 @@
+"""`Run`: a stored run as the reader sees it — data that knows how to summarise and show itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .store.reader import StoredRun, read_run
+
+
+class Run:
+    """A recorded run, complete or interrupted. `summary()` is the "freezeframe.summary/1" dict;
+    `steps()` the per-step rows; in a terminal (rich) or a notebook it displays itself."""
+
+    def __init__(self, stored: StoredRun):
+        self._stored = stored
+        self._summary: dict | None = None
+
+    @classmethod
+    def load(cls, run_dir) -> "Run":
+        return cls(read_run(run_dir))
+
+    @property
+    def path(self) -> Path:
+        return self._stored.path
+
+    @property
+    def manifest(self) -> dict:
+        return self._stored.manifest
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self._stored.warnings)
+
+    def summary(self) -> dict:
+        if self._summary is None:
+            from .analyse.summary import build_summary
+
+            self._summary = build_summary(self._stored)
+        return self._summary
+
+    def findings(self) -> list[dict]:
+        return self.summary()["findings"]
+
+    def steps(self) -> pa.Table:
+        """One row per applied optimizer step (columns in docs/run-format.md), with a `loss`
+        column when the run logged one."""
+        steps = self._stored.steps
+        scal = self._stored.scalars
+        loss = scal.filter(pc.equal(scal.column("name"), "loss")) if scal.num_rows else scal
+        if loss.num_rows:
+            loss = loss.group_by("step").aggregate([("value", "last")]).rename_columns(["step", "loss"])
+            steps = steps.join(loss, "step", join_type="left outer").sort_by("step")
+        return steps
+
+    def tensors(self) -> pa.Table:
+        """One row per recorded tensor per recorded step, with the tensor's name."""
+        t = self._stored.tensors
+        names = [p["name"] for p in self.manifest["model"]["params"]] + [b["name"] for b in self.manifest["model"]["buffers"]]
+        name_col = pc.take(pa.array(names), t.column("tensor")) if t.num_rows else pa.array([], pa.string())
+        return t.append_column("name", name_col)
+
+    def scalars(self) -> pa.Table:
+        return self._stored.scalars
+
+    def reference(self) -> dict:
+        """W_ref (the weights watching began with) by tensor name."""
+        return self._stored.reference()
+
+    def __rich__(self):
+        from .render.terminal import run_renderable
+
+        return run_renderable(self.summary())
+
+    def __repr__(self) -> str:
+        s = self.summary()["run"]
+        return (f"<freezeframe.Run {str(self.path)!r}: {len(self.summary()['stages'])} stages, {s['steps']} steps, "
+                f"{s['tensors_total']} tensors{'' if s['complete'] else ', interrupted'}>")

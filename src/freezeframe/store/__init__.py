@@ -1,0 +1,1 @@
+"""Store: the run directory (manifest, reference weights, Parquet step chunks)."""
