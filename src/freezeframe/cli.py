@@ -49,7 +49,7 @@ def cmd_check(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(out=args.out, seed=args.seed, fastai=args.fastai, console=_console())
+    return run_demo(out=args.out, seed=args.seed, console=_console())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="fine-tune a small pretrained CNN on scikit-learn's digits and show what happened")
     d.add_argument("--out", default="runs/demo", help="where to write the run (default: runs/demo)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    d.add_argument("--fastai", action="store_true", help="run the same story with a real fastai Learner")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -42,6 +42,10 @@ def stage_records(run: StoredRun, view: StepView) -> list[dict]:
     return stages
 
 
+def _at(values: list, i: int):
+    return values[i] if i < len(values) else None
+
+
 def _ratio(a, b):
     if a is None or b is None or not b:
         return None
@@ -89,7 +93,10 @@ def build_summary(run: StoredRun) -> dict:
         rows = stage_rows[si]
         steps_here = view.step[rows]
         trainable = set(s["trainable"]) if s.get("trainable") is not None else set()
-        groups = s.get("groups") or []
+        # Only the optimizers that applied steps in this stage: one replaced by a new optimizer
+        # (followed with rec.track) still holds the tensors but moves none of them.
+        active = set(view.optimizer[rows].tolist())
+        groups = [g for g in (s.get("groups") or []) if g["optimizer"] in active]
         group_of = {}
         for g in groups:
             for i in g["params"]:
@@ -104,8 +111,8 @@ def build_summary(run: StoredRun) -> dict:
                 "index": g["index"], "optimizer": g["optimizer"], "name": g["name"],
                 "tensors": len(gp), "params": int(numel[gp].sum()),
                 "trainable_params": int(sum(numel[i] for i in gp if i in trainable)),
-                **_group_stats(rows, view, g["index"], (s.get("lr_nominal") or [None] * len(groups))[g["index"]]
-                               if g["index"] < len(s.get("lr_nominal") or []) else None),
+                **_group_stats(rows[view.optimizer[rows] == g["optimizer"]], view, g["index"],
+                               _at(s.get("lr_nominal") or [], g["index"])),
             })
         out_stages.append({
             "index": si, "name": s["name"], "kind": s.get("kind", "train"), "complete": bool(s.get("complete")),

@@ -40,6 +40,7 @@ class StepView:
 
     step: np.ndarray          # per step row
     stage: np.ndarray
+    optimizer: np.ndarray     # per step row: which watched optimizer stepped
     lr: list                  # per step row: list of per-group values
     momentum: list
     weight_decay: list
@@ -83,7 +84,7 @@ def step_view(run: StoredRun) -> StepView:
     else:
         t_stage = np.full(len(t_step), -1, dtype=np.int64)
     return StepView(
-        step=step, stage=stage,
+        step=step, stage=stage, optimizer=_col(steps, "optimizer", np.int64),
         lr=steps.column("lr").to_pylist(), momentum=steps.column("momentum").to_pylist(),
         weight_decay=steps.column("weight_decay").to_pylist(), grads=grads,
         t_step=t_step, t_stage=t_stage, t_tensor=_col(t, "tensor", np.int64),

@@ -94,3 +94,50 @@ def content_hashes(tensors: list[Tensor], *, threads: int = 2) -> list[str]:
         return [content_hash(t) for t in tensors]
     with ThreadPoolExecutor(max_workers=threads) as pool:
         return list(pool.map(content_hash, tensors))
+
+
+def _scatter(n: int, where: list[int], values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    out = np.zeros(n, dtype=np.float32)
+    measured = np.zeros(n, dtype=bool)
+    out[where] = values
+    measured[where] = True
+    return out, measured
+
+
+def step_metrics(params: list[Tensor], before: list[Tensor], refs: list[Tensor | None],
+                 buffers: list[Tensor], buffer_refs: list[Tensor | None]) -> tuple[tuple, tuple]:
+    """The metrics of one recorded step, after it: for each param (W_before given, consumed) and
+    buffer, (values, measured) pairs of grad_norm, update_norm, param_norm (||W_before||) and
+    drift (||W - W_ref||). Gradients are read now, after the step (a closure may run inside it).
+    One host sync for everything."""
+    p_norm, u_norm = update_norms(before, params)
+    with_grad = [k for k, p in enumerate(params) if p.grad is not None]
+    g_norm = norms([params[k].grad for k in with_grad])
+    with_ref = [k for k, r in enumerate(refs) if r is not None]
+    drift = distances([params[k] for k in with_ref], [refs[k] for k in with_ref])
+    bref = [b for b, r in enumerate(buffer_refs) if r is not None]
+    b_norm = norms(buffers)
+    b_drift = distances([buffers[b] for b in bref], [buffer_refs[b] for b in bref])
+    host = to_host(p_norm + u_norm + g_norm + drift + b_norm + b_drift)  # the one sync
+    parts = np.split(host, np.cumsum([len(p_norm), len(u_norm), len(g_norm), len(drift), len(b_norm)]))
+    n, B = len(params), len(buffers)
+    none = (np.zeros(B, np.float32), np.zeros(B, bool))
+    return ((_scatter(n, with_grad, parts[2]), (parts[1], None), (parts[0], None), _scatter(n, with_ref, parts[3])),
+            (none, none, (parts[4], None), _scatter(B, bref, parts[5])))
+
+
+def state_metrics(tensors: list[Tensor], refs: list[Tensor | None], skip: list[bool] | None = None) -> dict:
+    """Exact ||W|| and ||W - W_ref|| of every tensor now (a stage end); None where `skip` or no ref."""
+    n = len(tensors)
+    keep = [i for i in range(n) if refs[i] is not None]
+    host = to_host(norms(tensors) + distances([tensors[i] for i in keep], [refs[i] for i in keep]))
+    pn = [float(x) if np.isfinite(x) else None for x in host[:n]]
+    dr: list = [None] * n
+    for k, i in enumerate(keep):
+        x = host[n + k]
+        dr[i] = float(x) if np.isfinite(x) else None
+    if skip is not None:
+        for i, s in enumerate(skip):
+            if s:
+                pn[i] = dr[i] = None
+    return {"param_norm": pn, "drift": dr}

@@ -5,54 +5,28 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import platform
 import socket
 import sys
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__
 from ..errors import FreezeFrameError
 from ..store import writer as store
 from . import metrics
+from .boundaries import BoundaryTracker
 from .columns import Columns
+from .session import Options, check_same_model, load_or_create_reference, versions
 from .modelmap import build_model_map
 from .optim import OptimizerView, as_view, build_layout
 from .sampling import Sampler
 from .stages import StageRecord, judge_continuity, previous_for_continuity
 
 log = logging.getLogger("freezeframe")
-
-
-@dataclass
-class Options:
-    """Keyword options of `watch()` and the framework callbacks."""
-
-    budget: float = 0.03             # overhead budget when every=None, as a fraction of step time
-    reference: bool = True           # keep W_ref (one copy of the parameters) to measure drift
-    reference_device: str | None = None  # where W_ref lives for drift ("cpu" spares accelerator memory)
-    flush_seconds: float = 5.0       # the longest a step waits in memory before it is written
-    hash_threads: int = 2            # threads hashing tensors at stage boundaries
-    framework: str = "torch"         # set by integrations: "fastai", "lightning"
-    framework_versions: dict = field(default_factory=dict)  # set by integrations
-
-    @classmethod
-    def from_kwargs(cls, kwargs: dict) -> "Options":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise FreezeFrameError(f"unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(known))}")
-        return cls(**kwargs)
-
-
-def _versions(extra: dict) -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "freezeframe": __version__, **extra}
 
 
 class Recorder:
@@ -90,12 +64,13 @@ class Recorder:
         self._closed = False
         self._dead = False
         try:
-            self._setup_reference(existing)
+            self._ref, self._ref_norms = load_or_create_reference(
+                self.path, self._names, self._params + self._buffers, existing, self.options)
             self.session = len(self._sessions)
             self._sessions.append({
                 "index": self.session, "pid": os.getpid(), "host": socket.gethostname(),
                 "started": time.time(), "ended": None, "first_step": self._step, "every": self.sampler.every,
-                "calibration": None, "argv": list(sys.argv), "versions": _versions(self.options.framework_versions),
+                "calibration": None, "argv": list(sys.argv), "versions": versions(self.options.framework_versions),
             })
             self._writer = store.RunWriter(self.path, self.session)
             self._cols = Columns(self._P)
@@ -110,12 +85,7 @@ class Recorder:
     # ------------------------------------------------------------------ set-up
     def _adopt(self, manifest: dict) -> None:
         """Continue a stored run (mode="append"): same model map or a clear refusal."""
-        stored = manifest.get("signature")
-        mine = self.map.signature()
-        if stored != mine:
-            diff = _first_difference(stored or [], mine)
-            raise FreezeFrameError(f"{str(self.path)!r} holds a run of a different model ({diff}); "
-                                   "use another run directory or mode='overwrite'")
+        check_same_model(self.path, manifest.get("signature"), self.map.signature())
         if manifest.get("framework") not in (None, self.options.framework):
             log.info("freezeframe: appending %s stages to a %s run", self.options.framework, manifest["framework"])
         self._created = manifest.get("created", self._created)
@@ -126,31 +96,6 @@ class Recorder:
         stored_run = read_run(self.path)
         last = stored_run.steps.column("step").to_pylist()
         self._step = max([manifest.get("steps_total", 0)] + [s + 1 for s in last[-1:]])
-
-    def _setup_reference(self, existing: dict | None) -> None:
-        from safetensors.torch import load_file, save_file
-
-        tensors = self._params + self._buffers
-        self._ref: list[torch.Tensor | None] = [None] * len(tensors)
-        ref_file = self.path / "reference.safetensors"
-        if not self.options.reference:
-            self._ref_norms = [None] * len(tensors)
-            return
-        device = self.options.reference_device
-        if existing is not None and ref_file.exists():
-            stored = load_file(str(ref_file))
-            for i, (name, t) in enumerate(zip(self._names, tensors)):
-                r = stored.get(name)
-                if r is not None and tuple(r.shape) == tuple(t.shape):
-                    self._ref[i] = r.to(device=device or t.device, dtype=t.dtype)
-            self._ref_norms = (existing.get("ref_norms") or [None] * len(tensors))
-            return
-        with torch.no_grad():
-            cpu = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in zip(self._names, tensors)}
-        save_file(cpu, str(ref_file))
-        for i, (name, t) in enumerate(zip(self._names, tensors)):
-            self._ref[i] = cpu[name] if (device or t.device.type) == "cpu" else t.detach().to(device or t.device, copy=True)
-        self._ref_norms = [float(x) for x in metrics.to_host(metrics.norms([t for t in cpu.values()]))]
 
     def _init_state(self) -> None:
         P = self._P
@@ -170,15 +115,7 @@ class Recorder:
         self._last_flush = time.monotonic()
         self._count_forwards = True
         self._warned: set[str] = set()
-        # Known state of every tensor at the last boundary point (watch start, a known stage
-        # end): their hashes; buffers written outside forward passes since then, with the hash
-        # taken right after the write; the version counters that detect such writes.
-        self._baseline = metrics.content_hashes(self._params + self._buffers, threads=self.options.hash_threads)
-        self._end_taken = True
-        self._buf_written: dict[int, str] = {}
-        self._buf_versions = [b._version for b in self._buffers]
-        self._param_versions_post = [p._version for p in self._params]
-        self._buf_copies = metrics.snapshot(self._buffers)
+        self._bounds = BoundaryTracker(self._params, self._buffers, self.options.hash_threads)
 
     def _install_hooks(self) -> None:
         for j, view in enumerate(self._views):
@@ -256,17 +193,8 @@ class Recorder:
         self._guard("the forward hook", self._forward_post)
 
     # ------------------------------------------------------------------ forward passes
-    def _detect_buffer_writes(self) -> None:
-        """Buffers written outside a forward pass or a step (load_state_dict, in-place edits):
-        hash them now, right after the write, as the start state of the next stage."""
-        for b, buf in enumerate(self._buffers):
-            v = buf._version
-            if v != self._buf_versions[b]:
-                self._buf_versions[b] = v
-                self._buf_written[b] = metrics.content_hash(buf)
-
     def _forward_pre(self, module, grad_enabled: bool) -> None:
-        self._detect_buffer_writes()
+        self._bounds.detect_buffer_writes()
         if module.training:
             if self._count_forwards:
                 self._pending_train_fwd += 1
@@ -276,8 +204,7 @@ class Recorder:
             self._stage.forward_passes["eval"] += 1
 
     def _forward_post(self) -> None:
-        for b, buf in enumerate(self._buffers):
-            self._buf_versions[b] = buf._version
+        self._bounds.after_forward()
 
     # ------------------------------------------------------------------ steps
     def _pre_step(self, j: int) -> None:
@@ -289,7 +216,7 @@ class Recorder:
                 self._sessions[self.session]["every"] = self.sampler.every
                 self._sessions[self.session]["calibration"] = self.sampler.measured
         self._last_pre_t, self._own_s, self._last_rec_s = t_start, 0.0, None
-        self._detect_buffer_writes()
+        self._bounds.detect_buffer_writes()
         view = self._views[j]
         if view.membership_key() != self._layout.key[j]:
             self._layout = build_layout(self._views, self._index_of, self._P)
@@ -321,39 +248,31 @@ class Recorder:
         P = self._P
         now_p = metrics.content_hashes(self._params, threads=self.options.hash_threads)
         prev = self._stage
-        if self._end_taken or prev is None:
-            base = self._baseline
-        else:
+        if prev is not None and not self._bounds.end_known:
             # An automatic boundary, found only now: the previous stage's end is proved by
-            # version counters (unwritten params equal their current bytes); buffers come from
-            # the copy taken at its last step.
-            versions = [p._version for p in self._params]
-            end_p = [h if v == v0 else None for h, v, v0 in zip(now_p, versions, self._param_versions_post)]
-            end_b = metrics.content_hashes(self._buf_copies)
-            written = [v != v0 for v, v0 in zip(versions, self._param_versions_post)]
-            self._close_stage(prev, end_p + end_b, "versions",
-                              self._params, self._buf_copies, skip=written)
-            base = end_p + end_b
-        start_b = [self._buf_written.get(b, base[P + b]) for b in range(self._B)]
+            # version counters; buffers come from the copy taken at its last step.
+            end, written = self._bounds.discovered_end(now_p)
+            self._close_stage(prev, end, "versions", self._params + self._bounds.buffer_copies, skip=written)
+        start = self._bounds.start(now_p)
         ex = self._explicit
         if ex is not None:
             ex["parts"] += 1
             name = ex["name"] if ex["parts"] == 1 else f"{ex['name']} (part {ex['parts']})"
-            kind, explicit, meta = ex["kind"], True, dict(ex.get("meta") or {})
+            kind, explicit, meta, epochs = ex["kind"], True, dict(ex.get("meta") or {}), ex.get("epochs")
         else:
-            name, kind, explicit, meta = f"stage {len(self._stages)}", "train", False, {}
+            name, kind, explicit, meta, epochs = f"stage {len(self._stages)}", "train", False, {}, None
         stage = StageRecord(
             index=len(self._stages), name=name, kind=kind, explicit=explicit, session=self.session,
             first_step=self._step, trainable=trainable,
             groups=[dict(g, params=list(g["params"])) for g in self._layout.groups],
-            start_hashes=now_p + start_b, grad_steps=np.zeros(P, dtype=np.int64),
-            lr_nominal=[None] * len(self._layout.groups), meta=meta,
+            start_hashes=start, grad_steps=np.zeros(P, dtype=np.int64),
+            lr_nominal=[None] * len(self._layout.groups), meta=meta, epochs=epochs,
+            skipped_steps=0 if self.options.skips_known else None,
         )
         judge_continuity(stage, previous_for_continuity(self._stages), self._names)
         self._stages.append(stage)
         self._stage = stage
         self._force_new = False
-        self._end_taken = False
 
     def _post_step(self, j: int) -> None:
         pending, self._pending = self._pending, None
@@ -381,72 +300,35 @@ class Recorder:
         stage.forward_passes["train"] += self._pending_train_fwd
         self._pending_train_fwd = 0
         self._step += 1
-        # State for the next boundary: versions prove what was not written after this step.
-        self._param_versions_post = [p._version for p in self._params]
-        if self._buffers:
-            torch._foreach_copy_(self._buf_copies, self._buffers)
-            self._buf_versions = [b._version for b in self._buffers]
-        self._buf_written.clear()
-        self._end_taken = False
+        self._bounds.after_step()  # versions prove what is not written after this step
         if time.monotonic() - self._last_flush > self.options.flush_seconds:
             self._flush()
         elif pending["recorded"] and not pending["began"]:
             self._last_rec_s = rec_s  # a clean sample for calibration (no boundary, no flush)
 
     def _record_metrics(self, step: int, cand: list[int], before: list[torch.Tensor]) -> None:
-        params = [self._params[i] for i in cand]
-        p_norm, u_norm = metrics.update_norms(before, params)
-        with_grad = [k for k, p in enumerate(params) if p.grad is not None]
-        g_norm = metrics.norms([params[k].grad for k in with_grad])
-        with_ref = [k for k, i in enumerate(cand) if self._ref[i] is not None]
-        drift = metrics.distances([params[k] for k in with_ref], [self._ref[cand[k]] for k in with_ref])
-        bref = [b for b in range(self._B) if self._ref[self._P + b] is not None]
-        b_norm = metrics.norms(self._buffers)
-        b_drift = metrics.distances([self._buffers[b] for b in bref], [self._ref[self._P + b] for b in bref])
-        host = metrics.to_host(p_norm + u_norm + g_norm + drift + b_norm + b_drift)  # the one sync
-        parts = np.split(host, np.cumsum([len(p_norm), len(u_norm), len(g_norm), len(drift), len(b_norm)]))
-        n, B = len(cand), self._B
-        self._cols.add_tensors(step, np.asarray(cand, dtype=np.int32),
-                               _scatter(n, with_grad, parts[2]), (parts[1], None), (parts[0], None),
-                               _scatter(n, with_ref, parts[3]))
-        if B:
-            none = (np.zeros(B, np.float32), np.zeros(B, bool))
-            self._cols.add_tensors(step, np.arange(self._P, self._P + B, dtype=np.int32),
-                                   none, none, (parts[4], None), _scatter(B, bref, parts[5]))
+        P = self._P
+        pcols, bcols = metrics.step_metrics([self._params[i] for i in cand], before, [self._ref[i] for i in cand],
+                                            self._buffers, self._ref[P:])
+        self._cols.add_tensors(step, np.asarray(cand, dtype=np.int32), *pcols)
+        if self._B:
+            self._cols.add_tensors(step, np.arange(P, P + self._B, dtype=np.int32), *bcols)
 
     # ------------------------------------------------------------------ boundaries
-    def _close_stage(self, stage: StageRecord, end_hashes: list, kind: str, params, buffers, skip=None) -> None:
-        """Store a stage's end: hashes, and its exact norms and drift (params listed in `skip` were
-        written after the stage's last step: their end state is unknown)."""
-        tensors = list(params) + list(buffers)
-        norms = metrics.norms(tensors)
-        keep = [i for i in range(len(tensors)) if self._ref[i] is not None]
-        drift = metrics.distances([tensors[i] for i in keep], [self._ref[i] for i in keep])
-        host = metrics.to_host(norms + drift)
-        n = len(tensors)
-        dr = [None] * n
-        for k, i in enumerate(keep):
-            dr[i] = _finite(host[n + k])
-        pn = [_finite(x) for x in host[:n]]
-        if skip is not None:
-            for i, s in enumerate(skip):
-                if s:
-                    pn[i] = dr[i] = None
+    def _close_stage(self, stage: StageRecord, end_hashes: list, kind: str, tensors: list, skip=None) -> None:
+        """Store a stage's end: hashes, and its exact norms and drift (params flagged in `skip`
+        were written after the stage's last step: their end state is unknown)."""
         stage.end_hashes = end_hashes
         stage.end_kind = kind
-        stage.end_metrics = {"param_norm": pn, "drift": dr}
+        stage.end_metrics = metrics.state_metrics(tensors, self._ref, skip)
         stage.complete = True
 
     def _capture_end(self) -> None:
         """A known stage end (explicit stage exit, framework boundary, close): hash everything."""
-        if self._end_taken or self._stage is None:
+        if self._bounds.end_known or self._stage is None:
             return
-        hashes = metrics.content_hashes(self._params + self._buffers, threads=self.options.hash_threads)
-        self._close_stage(self._stage, hashes, "hashed", self._params, self._buffers)
-        self._baseline = hashes
-        self._end_taken = True
-        self._buf_written.clear()
-        self._buf_versions = [b._version for b in self._buffers]
+        hashes = self._bounds.known_end()
+        self._close_stage(self._stage, hashes, "hashed", self._params + self._buffers)
         self._flush()
 
     # ------------------------------------------------------------------ the store
@@ -485,17 +367,19 @@ class Recorder:
         finally:
             self.end_stage()
 
-    def begin_stage(self, name: str, *, kind: str = "train", meta: dict | None = None) -> None:
-        """The start of an explicit stage (integrations call this at a framework boundary)."""
-        self._guard("stage start", self._begin_explicit, name, kind, meta)
+    def begin_stage(self, name: str, *, kind: str = "train", epochs: int | None = None,
+                    meta: dict | None = None) -> None:
+        """The start of an explicit stage (integrations call this at a framework boundary, with
+        the framework's facts: planned epochs, and `meta` — e.g. why norm layers train)."""
+        self._guard("stage start", self._begin_explicit, name, kind, meta, epochs)
 
     def end_stage(self) -> None:
         """The end of an explicit stage: its end state is hashed now."""
         self._guard("stage end", self._end_explicit)
 
-    def _begin_explicit(self, name, kind, meta) -> None:
+    def _begin_explicit(self, name, kind, meta, epochs=None) -> None:
         self._capture_end()
-        self._explicit = {"name": name, "kind": kind, "parts": 0, "meta": meta}
+        self._explicit = {"name": name, "kind": kind, "parts": 0, "meta": meta, "epochs": epochs}
         self._force_new = True
 
     def _end_explicit(self) -> None:
@@ -529,6 +413,26 @@ class Recorder:
             if isinstance(value, torch.Tensor):
                 value = value.detach().float().item()  # a sync point, as the user's own .item() would be
             self._cols.add_scalar(self._step - 1, str(name), float(value))
+
+    # -- for integrations whose optimizer has no torch step hooks (fastai): they call these ----
+    def step_begin(self, optimizer: int = 0) -> None:
+        """Just before optimizer `optimizer` (index into the watched list) applies a step."""
+        self._guard("step_begin()", self._pre_step, optimizer)
+
+    def step_end(self, optimizer: int = 0) -> None:
+        """Just after the step applied."""
+        self._guard("step_end()", self._post_step, optimizer)
+
+    def step_skipped(self, optimizer: int = 0) -> None:
+        """The step begun was cancelled (fastai's CancelStepException, an AMP overflow)."""
+        self._guard("step_skipped()", self._skip_step, optimizer)
+
+    def _skip_step(self, j: int) -> None:
+        self._pending = None
+        idx = self._count_idx[j]
+        self._grad_flags[idx] = 0  # those gradients were never applied
+        if self._stage is not None:
+            self._stage.skipped_steps = (self._stage.skipped_steps or 0) + 1
 
     def set_counting(self, on: bool) -> None:
         """Integrations switch forward-pass counting off outside training fits."""
@@ -571,31 +475,8 @@ class Recorder:
         return f"<freezeframe.Recorder {str(self.path)!r} {state}, {self._step} steps, {len(self._stages)} stages>"
 
 
-def _scatter(n: int, where: list[int], values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    out = np.zeros(n, dtype=np.float32)
-    measured = np.zeros(n, dtype=bool)
-    out[where] = values
-    measured[where] = True
-    return out, measured
-
-
 def _finite(x) -> float | None:
     if x is None:
         return None
     x = float(x)
     return x if np.isfinite(x) else None
-
-
-def _first_difference(stored: list, mine: list) -> str:
-    a = {row[0]: row for row in stored}
-    b = {row[0]: row for row in mine}
-    for name in b:
-        if name not in a:
-            return f"{name!r} is not in the stored run"
-    for name in a:
-        if name not in b:
-            return f"{name!r} is missing from this model"
-    for name in b:
-        if a[name] != b[name]:
-            return f"{name!r} was {a[name][1]} {a[name][2]}, now {b[name][1]} {b[name][2]}"
-    return "parameter order differs"

@@ -1,0 +1,208 @@
+"""`freezeframe demo`: a real transfer-learning story on scikit-learn's digits, recorded and shown.
+
+A small ResNet-style CNN is pretrained on digits 0-4 (cached), then fine-tuned on digits 5-9 the
+way the course does it: body frozen, head trained with a one-cycle schedule; unfreeze; train
+again with discriminative learning rates over 3 layer groups."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+CACHE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- the model
+class Block(nn.Module):
+    """A residual block: conv-BN-ReLU-conv-BN plus a (projected) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = (nn.Sequential() if stride == 1 and c_in == c_out else
+                         nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class DigitNet(nn.Module):
+    """stem → layer1 → layer2 → head; layer groups: [stem, layer1], [layer2], [head]."""
+
+    def __init__(self, n_classes: int = 5, width: int = 16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.layer1 = Block(width, width)
+        self.layer2 = Block(width, 2 * width, stride=2)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, n_classes))
+
+    def forward(self, x):
+        return self.head(self.layer2(self.layer1(self.stem(x))))
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        return [list(self.stem.parameters()) + list(self.layer1.parameters()),
+                list(self.layer2.parameters()), list(self.head.parameters())]
+
+
+# ----------------------------------------------------------------------------- the data
+@dataclass
+class Split:
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def digits(seed: int) -> dict[str, Split]:
+    """scikit-learn's 8x8 digits (ships with the package): source = 0-4, target = 5-9, the
+    target split into a small training set and held-out data."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.int64)
+    g = torch.Generator().manual_seed(seed)
+    src = (y < 5).nonzero().squeeze(1)
+    tgt = (y >= 5).nonzero().squeeze(1)
+    tgt = tgt[torch.randperm(len(tgt), generator=g)]
+    n_train = 250
+    return {"source": Split(x[src], y[src]),
+            "target_train": Split(x[tgt[:n_train]], y[tgt[:n_train]] - 5),
+            "target_test": Split(x[tgt[n_train:]], y[tgt[n_train:]] - 5)}
+
+
+def batches(split: Split, batch_size: int, gen: torch.Generator):
+    order = torch.randperm(len(split.y), generator=gen)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        yield split.x[idx], split.y[idx]
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, split: Split) -> float:
+    was = model.training
+    model.eval()
+    acc = (model(split.x).argmax(1) == split.y).float().mean().item()
+    model.train(was)
+    return acc
+
+
+# ----------------------------------------------------------------------------- the story
+def cache_dir() -> Path:
+    root = os.environ.get("FREEZEFRAME_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "freezeframe")
+    return Path(root)
+
+
+def pretrained(seed: int, data: dict[str, Split], progress=None, epochs: int = 6) -> tuple[DigitNet, bool]:
+    """The source-task model, from the cache when there (returns (model, from_cache))."""
+    path = cache_dir() / f"demo-digitnet-v{CACHE_VERSION}-seed{seed}-e{epochs}.pt"
+    torch.manual_seed(seed)
+    model = DigitNet()
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model, True
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    n_batches = (len(data["source"].y) + 31) // 32
+    task = progress.add_task("pretraining on digits 0-4", total=epochs * n_batches) if progress else None
+    for _ in range(epochs):
+        for xb, yb in batches(data["source"], 32, gen):
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+            if progress:
+                progress.advance(task)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return model, False
+
+
+def fine_tune(model: DigitNet, data: dict[str, Split], out: str, seed: int, *, epochs=(3, 5), progress=None,
+              every: int = 1) -> dict:
+    """Stage 1: body frozen (BatchNorm still trains, as fastai does), new head, one-cycle.
+    Stage 2: everything unfrozen, one lr per layer group (1e-4 / 1e-3 / 1e-2)."""
+    import freezeframe
+
+    torch.manual_seed(seed)
+    model.head[2] = nn.Linear(model.head[2].in_features, 5)  # a new head for the new task
+    gen = torch.Generator().manual_seed(seed)
+    groups = model.layer_groups()
+    accs = {"before fine-tuning": accuracy(model, data["target_test"])}
+    n_batches = (len(data["target_train"].y) + 15) // 16
+
+    def run_stage(name, opt, sched, n_epochs):
+        task = progress.add_task(name, total=n_epochs * n_batches) if progress else None
+        with rec.stage(name):
+            for _ in range(n_epochs):
+                for xb, yb in batches(data["target_train"], 16, gen):
+                    opt.zero_grad()
+                    loss = F.cross_entropy(model(xb), yb)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    rec.log(loss=loss.item())
+                    if progress:
+                        progress.update(task, advance=1, description=f"{name}  loss {loss.item():.3f}")
+                accuracy(model, data["target_test"])  # a validation pass each epoch (eval mode)
+        accs[f"after {name}"] = accuracy(model, data["target_test"])
+
+    # Stage 1: freeze the body, keep its BatchNorm layers trainable, train the head.
+    for p in groups[0] + groups[1]:
+        p.requires_grad_(False)
+    for m in list(model.stem.modules()) + list(model.layer1.modules()) + list(model.layer2.modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            for p in m.parameters():
+                p.requires_grad_(True)
+    opt = torch.optim.AdamW([{"params": g} for g in groups], lr=1e-2, weight_decay=0.01)
+    with freezeframe.watch(model, opt, out, every=every, mode="overwrite") as rec:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=epochs[0] * n_batches)
+        run_stage(f"head only, {epochs[0]} epochs", opt, sched, epochs[0])
+        # Stage 2: unfreeze everything; discriminative learning rates across the 3 groups.
+        for p in model.parameters():
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW([{"params": g} for g in groups], lr=1e-3, weight_decay=0.01)
+        rec.track(opt)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[1e-4, 1e-3, 1e-2],
+                                                    total_steps=epochs[1] * n_batches)
+        run_stage(f"unfrozen, {epochs[1]} epochs", opt, sched, epochs[1])
+    return accs
+
+
+def run_demo(*, out: str = "runs/demo", seed: int = 0, console=None, epochs=(3, 5), pretrain_epochs: int = 6,
+             report: bool = True) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    import freezeframe
+    from freezeframe.render.terminal import run_renderable
+
+    t0 = time.perf_counter()
+    data = digits(seed)
+    columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        model, cached = pretrained(seed, data, progress, epochs=pretrain_epochs)
+        accs = fine_tune(model, data, out, seed, epochs=epochs, progress=progress)
+    run = freezeframe.load(out)
+    if console is not None:
+        console.print(run_renderable(run.summary()))
+        table = Table(title="Accuracy on held-out digits 5-9", title_justify="left")
+        table.add_column("when")
+        table.add_column("accuracy", justify="right")
+        for k, v in accs.items():
+            table.add_row(k, f"{100 * v:.1f} %")
+        console.print(table)
+        console.print(f"pretrained model: {'from the cache' if cached else 'trained now and cached'} in {cache_dir()}")
+        console.print(f"run: {out}    (freezeframe summary {out})")
+        console.print(f"demo took {time.perf_counter() - t0:.1f} s")
+    return 0
