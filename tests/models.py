@@ -137,3 +137,23 @@ def loss_of(model: nn.Module, x, y, **forward_kwargs):
     if out.dim() == 3:
         return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
     return F.cross_entropy(out, y)
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, *, start: int = 0, tape=None,
+          set_to_none: bool = True, scheduler=None, opt_index: int = 0, **forward_kwargs) -> list[torch.Tensor]:
+    """A plain training loop (one forward, one backward, one step per batch); `tape` (an
+    oracle.Tape) takes the ground truth around each step. Returns the losses."""
+    losses = []
+    for s in range(start, start + steps):
+        x, y = batch(model, s)
+        opt.zero_grad(set_to_none=set_to_none)
+        loss = loss_of(model, x, y, **forward_kwargs)
+        loss.backward()
+        if tape is not None:
+            tape.step(opt, opt_index=opt_index)
+        else:
+            opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.detach().clone())
+    return losses

@@ -46,6 +46,20 @@ def cmd_check(args) -> int:
     return 1 if any(f["severity"] == "error" for f in findings) else 0
 
 
+def cmd_diff(args) -> int:
+    from .analyse.diff import diff_state_dicts
+    from .store.checkpoint import load_checkpoint
+
+    result = diff_state_dicts(load_checkpoint(args.a), load_checkpoint(args.b))
+    if args.json:
+        print(json.dumps(result, indent=2, allow_nan=False))
+    else:
+        from .render.terminal import diff_renderable
+
+        _console().print(diff_renderable(result, args.a, args.b))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -69,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run", help="a run directory")
     c.add_argument("--json", action="store_true", help="print {schema: freezeframe.check/1, findings: [...]}")
     c.set_defaults(func=cmd_check)
+
+    f = sub.add_parser("diff", help="compare two checkpoints tensor by tensor (state_dict, fastai, Lightning, safetensors)")
+    f.add_argument("a", help="the earlier checkpoint")
+    f.add_argument("b", help="the later checkpoint")
+    f.add_argument("--json", action="store_true", help="print {schema: freezeframe.diff/1, params, only_in_a, only_in_b}")
+    f.set_defaults(func=cmd_diff)
 
     d = sub.add_parser("demo", help="fine-tune a small pretrained CNN on scikit-learn's digits and show what happened")
     d.add_argument("--out", default="runs/demo", help="where to write the run (default: runs/demo)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import socket
@@ -343,8 +344,6 @@ class Recorder:
         }
 
     def _flush(self, complete: bool = False) -> None:
-        import json
-
         if self._writer.error is not None:
             err, self._writer.error = self._writer.error, None
             raise RuntimeError(f"writing the run failed: {err}") from err
@@ -404,8 +403,8 @@ class Recorder:
 
     def log(self, **scalars) -> None:
         """Attach scalars (e.g. loss=...) to the most recent applied step."""
-        if self._dead or self._closed or self._step == 0:
-            return
+        if self._dead or self._closed or self._stage is None:
+            return  # nothing applied yet in this session: there is no step to attach to
         self._guard("log()", self._log, scalars)
 
     def _log(self, scalars: dict) -> None:
@@ -433,6 +432,15 @@ class Recorder:
         self._grad_flags[idx] = 0  # those gradients were never applied
         if self._stage is not None:
             self._stage.skipped_steps = (self._stage.skipped_steps or 0) + 1
+
+    def settle(self) -> None:
+        """Everything recorded so far on disk, and the run marked complete until more steps come
+        (integrations call this at the end of each fit: a Learner has no "closed" event)."""
+        def _settle():
+            self._capture_end()
+            self._flush(complete=True)
+            self._writer.drain()
+        self._guard("settle()", _settle)
 
     def set_counting(self, on: bool) -> None:
         """Integrations switch forward-pass counting off outside training fits."""

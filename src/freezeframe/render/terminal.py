@@ -114,3 +114,31 @@ def findings_renderable(findings: list[dict]):
 def run_renderable(summary: dict, *, depth: int | None = None) -> Group:
     return Group(header(summary), stages_table(summary), freeze_map(summary, depth=depth),
                  answers_panel(summary), findings_renderable(summary["findings"]))
+
+
+def diff_renderable(diff: dict, a: str, b: str) -> Group:
+    t = diff["totals"]
+    head = Text()
+    head.append("freezeframe diff ", style="bold")
+    head.append(f"{a} → {b}: ", style="cyan")
+    head.append(f"{t['compared']} tensors compared, {t['changed']} changed, {t['identical']} bitwise identical")
+    table = Table(title="By module (= bitwise identical, Δ changed; % = ‖B − A‖ / ‖A‖)", title_justify="left")
+    table.add_column("module", overflow="fold")
+    table.add_column("tensors", justify="right")
+    table.add_column("state")
+    table.add_column("distance", justify="right")
+    style = {"identical": "blue", "changed": "green", "partial": "yellow"}
+    for m in diff["modules"]:
+        table.add_row(m["name"], str(m["tensors"]),
+                      Text("=" if m["state"] == "identical" else f"Δ {m['changed']}/{m['tensors']}", style=style[m["state"]]),
+                      _pct(m["drift_rel"]) if m["drift_rel"] is not None else "—")
+    parts = [head, table]
+    reshaped = [p for p in diff["params"] if p["shape_a"] != p["shape_b"]]
+    if reshaped:
+        parts.append(Text("Shape changed: " + ", ".join(f"{p['name']} {p['shape_a']}→{p['shape_b']}" for p in reshaped),
+                          style="yellow"))
+    for key, label in (("only_in_a", a), ("only_in_b", b)):
+        if diff[key]:
+            parts.append(Text(f"Only in {label}: " + ", ".join(diff[key][:20]) +
+                              (f" and {len(diff[key]) - 20} more" if len(diff[key]) > 20 else "")))
+    return Group(*parts)
