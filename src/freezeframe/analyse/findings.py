@@ -135,8 +135,73 @@ def nonfinite(summary, view) -> list[dict]:
         stage, hit)]
 
 
+def optimizer_state_reset(summary, view) -> list[dict]:
+    out = []
+    stages = _train_stages(summary)
+    for a, b in zip(stages, stages[1:]):
+        before, after = a.get("optimizer_state_end"), b.get("optimizer_state_start")
+        if before and after == 0:
+            out.append(_finding(
+                "optimizer-state-reset", "info",
+                f"Stage {b['name']!r} started with empty optimizer state: the momentum / Adam statistics of "
+                f"{before} tensor(s) built up in stage {a['name']!r} were discarded (a new optimizer, or fastai's "
+                "freeze()/unfreeze(), which clear it). Usually intended; the first steps of the stage then "
+                "behave like a fresh start of the optimizer.",
+                b["index"]))
+    return out
+
+
+# A typical Adam/SGD step moves a weight by about 1e-3 of its norm; 100x away either side is unusual.
+RATIO_LOW, RATIO_HIGH = 1e-5, 1e-1
+
+
+def update_ratio_outlier(summary, view) -> list[dict]:
+    out = []
+    for s in _train_stages(summary):
+        k = summary["stages"].index(s)
+        for g in s["groups"]:
+            ratios = sorted(p["stages"][k]["update_ratio_median"] for p in summary["params"]
+                            if p["stages"][k]["group"] == g["index"] and p["stages"][k]["trainable"]
+                            and p["stages"][k]["update_ratio_median"] is not None)
+            if not ratios:
+                continue
+            med = ratios[len(ratios) // 2] if len(ratios) % 2 else (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2
+            if med > RATIO_HIGH or 0 < med < RATIO_LOW:
+                hint = ("large: the learning rate may be too high for this group" if med > RATIO_HIGH
+                        else "tiny: this group barely moves; its learning rate may be too low")
+                out.append(_finding(
+                    "update-ratio-outlier", "info",
+                    f"In stage {s['name']!r}, group {g['name']}'s median update-to-weight ratio is {med:.2g} "
+                    f"(usual: about 1e-3) — {hint}.",
+                    s["index"]))
+    return out
+
+
+def bn_trains_in_frozen_group(summary, view) -> list[dict]:
+    out = []
+    for s in _train_stages(summary):
+        k = summary["stages"].index(s)
+        for g in s["groups"]:
+            members = [p for p in summary["params"] if p["stages"][k]["group"] == g["index"]]
+            frozen_other = [p for p in members if not p["is_norm"] and p["stages"][k]["trainable"] is False]
+            norm_train = [p["name"] for p in members if p["is_norm"] and p["stages"][k]["trainable"]]
+            if frozen_other and norm_train and not any(
+                    p["stages"][k]["trainable"] for p in members if not p["is_norm"]):
+                reason = s.get("meta", {}).get("norm_trains_reason")
+                out.append(_finding(
+                    "bn-trains-in-frozen-group", "info",
+                    f"In stage {s['name']!r}, group {g['name']} is frozen but its {len(norm_train)} norm-layer "
+                    f"tensor(s) still train ({_names(norm_train)})"
+                    + (f": {reason}." if reason else ".")
+                    + " They adapt the normalisation to the new data while the other weights stay as pretrained "
+                    "(fastai's train_bn=True does this on purpose).",
+                    s["index"], norm_train))
+    return out
+
+
 CHECKS = [trainable_not_in_optimizer, frozen_param_changed, nonfinite, stage_discontinuity, zero_lr_group,
-          trainable_never_gets_grad, frozen_bn_stats_changed]
+          trainable_never_gets_grad, frozen_bn_stats_changed, optimizer_state_reset, update_ratio_outlier,
+          bn_trains_in_frozen_group]
 
 
 def find(summary: dict, view=None) -> list[dict]:

@@ -42,6 +42,14 @@ def stage_records(run: StoredRun, view: StepView) -> list[dict]:
     return stages
 
 
+def _active_sum(counts: list | None, active: set) -> int | None:
+    """Tensors holding optimizer state, over the optimizers that stepped in the stage."""
+    if not counts:
+        return None
+    vals = [c for j, c in enumerate(counts) if j in active]
+    return None if not vals or any(c is None for c in vals) else int(sum(vals))
+
+
 def _at(values: list, i: int):
     return values[i] if i < len(values) else None
 
@@ -126,6 +134,8 @@ def build_summary(run: StoredRun) -> dict:
             "continuity": s.get("continuity"),
             "changed_since_previous_end": list(s.get("changed_since_previous_end") or []),
             "meta": s.get("meta") or {},
+            "optimizer_state_start": _active_sum(s.get("optimizer_state_start"), active),
+            "optimizer_state_end": _active_sum(s.get("optimizer_state_end"), active),
         })
         for i in range(P + B):
             changed = None

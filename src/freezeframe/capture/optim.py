@@ -47,6 +47,10 @@ class OptimizerView:
         """(lr, momentum, weight_decay, nominal lr peak) per group, as applied by the next step."""
         raise NotImplementedError
 
+    def state_count(self) -> int | None:
+        """How many tensors hold optimizer state (momentum buffers...), None if unknown."""
+        return None
+
 
 class TorchOptimizerView(OptimizerView):
     def __init__(self, opt: torch.optim.Optimizer):
@@ -64,6 +68,9 @@ class TorchOptimizerView(OptimizerView):
 
     def membership_key(self) -> tuple:
         return tuple((id(g["params"]), len(g["params"])) for g in self.opt.param_groups)
+
+    def state_count(self) -> int:
+        return sum(1 for st in self.opt.state.values() if st)
 
     def hypers(self):
         out = []

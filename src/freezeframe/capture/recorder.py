@@ -21,6 +21,7 @@ from ..store import writer as store
 from . import metrics
 from .boundaries import BoundaryTracker
 from .columns import Columns
+from .scaler import ScalerWatch
 from .session import Options, check_same_model, load_or_create_reference, versions
 from .modelmap import build_model_map
 from .optim import OptimizerView, as_view, build_layout
@@ -115,6 +116,8 @@ class Recorder:
         self._last_rec_s: float | None = None
         self._last_flush = time.monotonic()
         self._count_forwards = True
+        self._skips_known = self.options.skips_known or self.options.scaler is not None
+        self._skips_before_stage = 0
         self._warned: set[str] = set()
         self._bounds = BoundaryTracker(self._params, self._buffers, self.options.hash_threads)
 
@@ -124,6 +127,8 @@ class Recorder:
             if opt is not None:
                 self._handles.append(opt.register_step_pre_hook(functools.partial(self._hook_pre_step, j)))
                 self._handles.append(opt.register_step_post_hook(functools.partial(self._hook_post_step, j)))
+        if self.options.scaler is not None:
+            self._handles.append(ScalerWatch(self.options.scaler, lambda: self._step, self._hook_skipped))
         self._handles.append(self.model.register_forward_pre_hook(self._hook_forward_pre))
         self._handles.append(self.model.register_forward_hook(self._hook_forward_post))
         self._hook_new_trainable()
@@ -183,6 +188,11 @@ class Recorder:
 
     def _hook_post_step(self, j, optimizer, args, kwargs):
         self._guard("the optimizer step post-hook", self._post_step, j)
+
+    def _hook_skipped(self, optimizer) -> None:
+        j = next((k for k, v in enumerate(self._views) if v.hookable is optimizer), None)
+        if j is not None:
+            self._guard("the scaler's skipped step", self._skip_step, j)
 
     def _hook_grad(self, i: int, param) -> None:
         self._grad_flags[i] = 1
@@ -268,8 +278,10 @@ class Recorder:
             groups=[dict(g, params=list(g["params"])) for g in self._layout.groups],
             start_hashes=start, grad_steps=np.zeros(P, dtype=np.int64),
             lr_nominal=[None] * len(self._layout.groups), meta=meta, epochs=epochs,
-            skipped_steps=0 if self.options.skips_known else None,
+            optimizer_state_start=[v.state_count() for v in self._views],
+            skipped_steps=self._skips_before_stage if self._skips_known else None,
         )
+        self._skips_before_stage = 0
         judge_continuity(stage, previous_for_continuity(self._stages), self._names)
         self._stages.append(stage)
         self._stage = stage
@@ -322,6 +334,7 @@ class Recorder:
         stage.end_hashes = end_hashes
         stage.end_kind = kind
         stage.end_metrics = metrics.state_metrics(tensors, self._ref, skip)
+        stage.optimizer_state_end = [v.state_count() for v in self._views]
         stage.complete = True
 
     def _capture_end(self) -> None:
@@ -432,6 +445,8 @@ class Recorder:
         self._grad_flags[idx] = 0  # those gradients were never applied
         if self._stage is not None:
             self._stage.skipped_steps = (self._stage.skipped_steps or 0) + 1
+        else:
+            self._skips_before_stage += 1
 
     def settle(self) -> None:
         """Everything recorded so far on disk, and the run marked complete until more steps come

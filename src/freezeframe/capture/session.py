@@ -21,6 +21,7 @@ class Options:
     budget: float = 0.03             # overhead budget when every=None, as a fraction of step time
     reference: bool = True           # keep W_ref (one copy of the parameters) to measure drift
     reference_device: str | None = None  # where W_ref lives for drift ("cpu" spares accelerator memory)
+    scaler: object = None            # a torch.amp.GradScaler: count the steps it skips (else null)
     flush_seconds: float = 5.0       # the longest a step waits in memory before it is written
     hash_threads: int = 2            # threads hashing tensors at stage boundaries
     framework: str = "torch"         # set by integrations: "fastai", "lightning"

@@ -34,6 +34,8 @@ class StageRecord:
     starts_from_previous_end: bool | None = None
     continuity: str | None = None
     meta: dict = field(default_factory=dict)          # framework facts, as given
+    optimizer_state_start: list = field(default_factory=list)  # per optimizer: tensors with state
+    optimizer_state_end: list | None = None
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
