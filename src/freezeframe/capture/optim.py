@@ -52,8 +52,23 @@ class OptimizerView:
         return None
 
 
+def unwrap_optimizer(opt):
+    """The torch optimizer inside Accelerate's AcceleratedOptimizer / Lightning's LightningOptimizer
+    (their own step() calls the inner optimizer's, where the step hooks fire)."""
+    for _ in range(4):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            inner = getattr(opt, "_optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer) and inner is not opt:
+            opt = inner
+        else:
+            break
+    return opt
+
+
 class TorchOptimizerView(OptimizerView):
     def __init__(self, opt: torch.optim.Optimizer):
+        opt = unwrap_optimizer(opt)
         if not isinstance(opt, torch.optim.Optimizer):
             raise FreezeFrameError(
                 f"expected a torch.optim.Optimizer, got {type(opt).__name__}"

@@ -10,6 +10,7 @@ import socket
 import sys
 import time
 import warnings
+from pathlib import Path
 from contextlib import contextmanager
 
 import numpy as np
@@ -21,10 +22,11 @@ from ..store import writer as store
 from . import metrics
 from .boundaries import BoundaryTracker
 from .columns import Columns
+from .dist import Dist, NullWriter
 from .scaler import ScalerWatch
 from .session import Options, check_same_model, load_or_create_reference, versions
 from .modelmap import build_model_map
-from .optim import OptimizerView, as_view, build_layout
+from .optim import OptimizerView, as_view, build_layout, unwrap_optimizer
 from .sampling import Sampler
 from .stages import StageRecord, judge_continuity, previous_for_continuity
 
@@ -54,34 +56,40 @@ class Recorder:
         self._P, self._B = len(self._params), len(self._buffers)
         self._index_of = {id(p): i for i, p in enumerate(self._params)}
 
-        self.path, existing = store.prepare_run_dir(run_dir, mode)
+        # Under torch.distributed every rank records (so all take the same decisions), rank 0 writes.
+        self._dist = Dist()
+        if self._dist.writes:
+            self.path, existing = store.prepare_run_dir(run_dir, mode)
+        else:
+            self.path, existing = Path(run_dir), None
         self._stages: list[StageRecord] = []
         self._sessions: list[dict] = []
         self._step = 0
         self._created = time.time()
         if existing is not None:
             self._adopt(existing)
-        self._lock = store.acquire_lock(self.path)
+        self._lock = store.acquire_lock(self.path) if self._dist.writes else None
         self._handles: list = []
         self._closed = False
         self._dead = False
         try:
             self._ref, self._ref_norms = load_or_create_reference(
-                self.path, self._names, self._params + self._buffers, existing, self.options)
+                self.path, self._names, self._params + self._buffers, existing, self.options,
+                save=self._dist.writes)
             self.session = len(self._sessions)
             self._sessions.append({
                 "index": self.session, "pid": os.getpid(), "host": socket.gethostname(),
                 "started": time.time(), "ended": None, "first_step": self._step, "every": self.sampler.every,
                 "calibration": None, "argv": list(sys.argv), "versions": versions(self.options.framework_versions),
             })
-            self._writer = store.RunWriter(self.path, self.session)
+            self._writer = store.RunWriter(self.path, self.session) if self._dist.writes else NullWriter()
             self._cols = Columns(self._P)
             self._init_state()
             self._install_hooks()
             self._flush()
         except BaseException:
             self._remove_hooks()
-            self._lock.unlink(missing_ok=True)
+            self._unlock()
             raise
 
     # ------------------------------------------------------------------ set-up
@@ -142,6 +150,10 @@ class Recorder:
                 self._handles.append(p.register_post_accumulate_grad_hook(functools.partial(self._hook_grad, int(i))))
                 self._hooked[i] = True
 
+    def _unlock(self) -> None:
+        if getattr(self, "_lock", None) is not None:
+            self._lock.unlink(missing_ok=True)
+
     def _remove_hooks(self) -> None:
         for h in getattr(self, "_handles", []):
             try:
@@ -157,6 +169,8 @@ class Recorder:
             return
         self._dead = True
         self._remove_hooks()
+        if self._dist.on and self.sampler.calibrating and not self._closed:
+            self._join_agreement_when_due()
         warnings.warn(f"freezeframe stopped recording {str(self.path)!r} after an internal error in {where}: "
                       f"{type(exc).__name__}: {exc}. Training is not affected; steps recorded so far are kept.",
                       RuntimeWarning, stacklevel=3)
@@ -167,8 +181,29 @@ class Recorder:
             self._writer.close(compact=False)
         except BaseException:  # noqa: BLE001 - the disk may be the fault
             pass
-        self._lock.unlink(missing_ok=True)
+        self._unlock()
         self._closed = True
+
+    def _join_agreement_when_due(self) -> None:
+        """A failed recorder under torch.distributed still enters the one scheduled collective
+        (the calibration agreement) with its failure flag, so no rank waits for it forever."""
+        handles = []
+
+        def pre_step(*_):
+            if self._last_pre_t is None:  # this rank's first step: not counted by the sampler either
+                self._last_pre_t = time.perf_counter()
+                return
+            if self.sampler.observe(None):
+                for h in handles:
+                    h.remove()
+                try:
+                    self._agree_every(failed=True)
+                except Exception:  # noqa: BLE001 - the process group itself is gone
+                    pass
+
+        for view in self._views:
+            if view.hookable is not None:
+                handles.append(view.hookable.register_step_pre_hook(pre_step))
 
     def _guard(self, where: str, fn, *args):
         if self._dead:
@@ -190,7 +225,8 @@ class Recorder:
         self._guard("the optimizer step post-hook", self._post_step, j)
 
     def _hook_skipped(self, optimizer) -> None:
-        j = next((k for k, v in enumerate(self._views) if v.hookable is optimizer), None)
+        opt = unwrap_optimizer(optimizer)
+        j = next((k for k, v in enumerate(self._views) if v.hookable is opt), None)
         if j is not None:
             self._guard("the scaler's skipped step", self._skip_step, j)
 
@@ -220,12 +256,15 @@ class Recorder:
     # ------------------------------------------------------------------ steps
     def _pre_step(self, j: int) -> None:
         t_start = time.perf_counter()
-        if self._last_pre_t is not None and self._last_rec_s is not None and self.sampler.calibrating:
-            # Between the previous pre-step and now: our own time (hooks) and the user's.
-            training = (t_start - self._last_pre_t) - self._own_s
-            if self.sampler.observe(max(training, 1e-9), self._last_rec_s, max(self._own_s - self._last_rec_s, 0.0)):
-                self._sessions[self.session]["every"] = self.sampler.every
-                self._sessions[self.session]["calibration"] = self.sampler.measured
+        if self._last_pre_t is not None and self.sampler.calibrating:
+            sample = None
+            if self._last_rec_s is not None:
+                # Between the previous pre-step and now: our own time (hooks) and the user's.
+                training = (t_start - self._last_pre_t) - self._own_s
+                sample = (max(training, 1e-9), self._last_rec_s, max(self._own_s - self._last_rec_s, 0.0))
+            self._calibrated = self.sampler.observe(sample)  # the same step on every rank
+            if self._calibrated:
+                self._agree_every(failed=False)
         self._last_pre_t, self._own_s, self._last_rec_s = t_start, 0.0, None
         self._bounds.detect_buffer_writes()
         view = self._views[j]
@@ -254,6 +293,19 @@ class Recorder:
             pending["before"] = metrics.snapshot([self._params[i] for i in cand])
             pending["rec_s"] = time.perf_counter() - t0
         self._pending = pending
+
+    def _agree_every(self, *, failed: bool) -> None:
+        """Rank 0's `every` for all ranks, and whether any rank's recorder failed (one all_reduce
+        that every rank enters, a failed one too, so none is left waiting)."""
+        mine = self.sampler.every if (self._dist.writes and not failed) else 0
+        every, any_failed = self._dist.agree_max([float(mine or 0), 1.0 if failed else 0.0])
+        if failed:
+            return
+        if any_failed:
+            raise RuntimeError("another rank's recorder failed; all ranks stop recording together")
+        self.sampler.impose(int(every))
+        self._sessions[self.session]["every"] = self.sampler.every
+        self._sessions[self.session]["calibration"] = self.sampler.measured
 
     def _begin_stage(self, trainable: list[int]) -> None:
         P = self._P
@@ -404,8 +456,8 @@ class Recorder:
         view = as_view(optimizer)
         if self._dead or self._closed:
             return
-        if any(getattr(v, "hookable", None) is optimizer and optimizer is not None for v in self._views):
-            return
+        if view.hookable is not None and any(v.hookable is view.hookable for v in self._views):
+            return  # already followed
         j = len(self._views)
         self._views.append(view)
         if view.hookable is not None:
@@ -485,7 +537,7 @@ class Recorder:
         finally:
             self._closed = True
             self._remove_hooks()
-            self._lock.unlink(missing_ok=True)
+            self._unlock()
 
     def __enter__(self) -> "Recorder":
         return self

@@ -24,6 +24,7 @@ class Sampler:
         self.warmup = warmup
         self.max_every = max_every
         self._samples: list[tuple[float, float, float]] = []  # (training s, recording s, cheap s)
+        self._seen = 0
         self.measured: dict | None = None
 
     @property
@@ -35,18 +36,31 @@ class Sampler:
             return True
         return step_in_stage % self.every == 0
 
-    def observe(self, training_s: float, recording_s: float, cheap_s: float) -> bool:
-        """Feed one recorded step's timings; returns True when `every` was just fixed."""
+    def observe(self, sample: tuple[float, float, float] | None) -> bool:
+        """Count one step (with its (training s, recording s, per-step s) timings, or None when
+        the step is not a clean sample: it began a stage or flushed). Returns True when `every`
+        was just fixed: always after the same number of steps, so that the ranks of a
+        distributed job reach the decision together."""
         if self.every is not None:
             return False
-        self._samples.append((training_s, recording_s, cheap_s))
-        if len(self._samples) < self.warmup + self.calibration_steps:
+        self._seen += 1
+        if sample is not None and self._seen > self.warmup:
+            self._samples.append(sample)
+        if self._seen < self.warmup + self.calibration_steps:
             return False
-        used = self._samples[self.warmup:]
-        train = statistics.median(s[0] for s in used)
-        rec = statistics.median(s[1] for s in used)
-        cheap = statistics.median(s[2] for s in used)
+        if not self._samples:
+            self.every = 1
+            self.measured = {"budget": self.budget, "samples": 0}
+            return True
+        train = statistics.median(s[0] for s in self._samples)
+        rec = statistics.median(s[1] for s in self._samples)
+        cheap = statistics.median(s[2] for s in self._samples)
         room = max(self.budget * train - cheap, 0.1 * self.budget * train)
         self.every = int(min(self.max_every, max(1, math.ceil(rec / room)))) if room > 0 else self.max_every
-        self.measured = {"step_s": train, "recording_s": rec, "per_step_s": cheap, "budget": self.budget}
+        self.measured = {"step_s": train, "recording_s": rec, "per_step_s": cheap, "budget": self.budget,
+                         "samples": len(self._samples)}
         return True
+
+    def impose(self, every: int) -> None:
+        """Take the `every` another rank decided."""
+        self.every = max(1, int(every))

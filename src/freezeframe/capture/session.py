@@ -42,7 +42,7 @@ def versions(extra: dict) -> dict:
 
 
 def load_or_create_reference(path: Path, names: list[str], tensors: list[torch.Tensor], existing: dict | None,
-                              options: Options) -> tuple[list, list]:
+                              options: Options, *, save: bool = True) -> tuple[list, list]:
     """W_ref for each tensor (None where unknown) and ||W_ref||. A new run stores the model as
     it is now in reference.safetensors; an appended run reads it back."""
     from safetensors.torch import load_file, save_file
@@ -61,7 +61,8 @@ def load_or_create_reference(path: Path, names: list[str], tensors: list[torch.T
         return refs, list(existing.get("ref_norms") or [None] * len(tensors))
     with torch.no_grad():
         cpu = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in zip(names, tensors)}
-    save_file(cpu, str(ref_file))
+    if save:
+        save_file(cpu, str(ref_file))
     for i, (name, t) in enumerate(zip(names, tensors)):
         target = torch.device(device) if device else t.device
         refs[i] = cpu[name] if target.type == "cpu" else t.detach().to(target, copy=True)
