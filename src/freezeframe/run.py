@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -49,11 +50,16 @@ class Run:
         column when the run logged one."""
         steps = self._stored.steps
         scal = self._stored.scalars
-        loss = scal.filter(pc.equal(scal.column("name"), "loss")) if scal.num_rows else scal
-        if loss.num_rows:
-            loss = loss.group_by("step").aggregate([("value", "last")]).rename_columns(["step", "loss"])
-            steps = steps.join(loss, "step", join_type="left outer").sort_by("step")
-        return steps
+        if not scal.num_rows:
+            return steps
+        is_loss = np.asarray(pc.equal(scal.column("name"), "loss").to_numpy(zero_copy_only=False), dtype=bool)
+        if not is_loss.any():
+            return steps
+        # the last value logged for each step (rows are in logging order)
+        at = dict(zip(scal.column("step").to_numpy()[is_loss].tolist(),
+                      scal.column("value").to_numpy()[is_loss].tolist()))
+        loss = [at.get(s) for s in steps.column("step").to_pylist()]
+        return steps.append_column("loss", pa.array(loss, type=pa.float64()))
 
     def tensors(self) -> pa.Table:
         """One row per recorded tensor per recorded step, with the tensor's name."""
@@ -73,6 +79,18 @@ class Run:
         from .render.terminal import run_renderable
 
         return run_renderable(self.summary())
+
+    def _repr_html_(self) -> str:
+        """Inline display in Jupyter: the freeze map, the answers and the findings (no JavaScript)."""
+        from .render.notebook import repr_html
+
+        return repr_html(self)
+
+    def show(self, name: str):
+        """One report figure as a plotly Figure: "freeze_map", "heatmap", "lr", "drift" or "loss"."""
+        from .render.notebook import show
+
+        return show(self, name)
 
     def __repr__(self) -> str:
         s = self.summary()["run"]

@@ -60,7 +60,7 @@ def _ratio(a, b):
     return a / b
 
 
-def _group_stats(rows: np.ndarray, view: StepView, g: int, nominal) -> dict:
+def _group_stats(rows: np.ndarray, view: StepView, g: int, nominal, floor=None) -> dict:
     def series(values):
         out = [v[g] for v in (values[i] for i in rows) if v is not None and g < len(v) and v[g] is not None]
         return [x for x in out if isinstance(x, float) and math.isfinite(x)]
@@ -69,6 +69,12 @@ def _group_stats(rows: np.ndarray, view: StepView, g: int, nominal) -> dict:
     mom = series(view.momentum)
     wd = series(view.weight_decay)
     applied_max = max(lr) if lr else None
+    if nominal is not None and floor is not None and lr:
+        # A peak left in the group by a finished schedule (OneCycleLR's max_lr) is taken only
+        # when this stage's lrs move within that schedule's range.
+        tol = 1e-9 * nominal
+        if not (max(lr) > min(lr) and min(lr) >= floor - tol and max(lr) <= nominal + tol):
+            nominal = None
     return {
         "lr_max": nominal if nominal is not None else applied_max,
         "lr_applied_max": applied_max,
@@ -120,7 +126,8 @@ def build_summary(run: StoredRun) -> dict:
                 "tensors": len(gp), "params": int(numel[gp].sum()),
                 "trainable_params": int(sum(numel[i] for i in gp if i in trainable)),
                 **_group_stats(rows[view.optimizer[rows] == g["optimizer"]], view, g["index"],
-                               _at(s.get("lr_nominal") or [], g["index"])),
+                               _at(s.get("lr_nominal") or [], g["index"]),
+                               _at(s.get("lr_nominal_floor") or [], g["index"])),
             })
         out_stages.append({
             "index": si, "name": s["name"], "kind": s.get("kind", "train"), "complete": bool(s.get("complete")),

@@ -19,19 +19,28 @@ def _col(table: pa.Table, name: str, dtype=np.float64) -> np.ndarray:
 
 
 def grouped_median(keys: np.ndarray, values: np.ndarray) -> dict[int, float]:
-    """Exact median of `values` per integer key."""
+    """Exact median of `values` per integer key (one stable sort of the keys, then a linear-time
+    selection per group)."""
     if len(keys) == 0:
         return {}
-    order = np.lexsort((values, keys))
+    order = np.argsort(keys, kind="stable")
     k, v = keys[order], values[order]
     starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
     ends = np.r_[starts[1:], len(k)]
-    out = {}
-    for s, e in zip(starts, ends):
-        n = e - s
-        mid = s + n // 2
-        out[int(k[s])] = float(v[mid]) if n % 2 else float((v[mid - 1] + v[mid]) / 2)
-    return out
+    return {int(k[s]): float(np.median(v[s:e])) for s, e in zip(starts, ends)}
+
+
+def last_per_key(keys: np.ndarray, steps: np.ndarray, values: np.ndarray) -> dict[int, float]:
+    """The value at the largest step of each key."""
+    if len(keys) == 0:
+        return {}
+    uniq, inv = np.unique(keys, return_inverse=True)
+    best = np.full(len(uniq), -1, dtype=np.int64)
+    np.maximum.at(best, inv, steps)
+    rows = np.flatnonzero(steps == best[inv])
+    out = np.empty(len(uniq), dtype=np.float64)
+    out[inv[rows]] = values[rows]
+    return dict(zip(uniq.tolist(), out.tolist()))
 
 
 @dataclass
@@ -99,11 +108,5 @@ def per_stage_tensor(view: StepView, n_tensors: int) -> dict:
     ok = (view.t_stage >= 0) & np.isfinite(view.update_norm) & np.isfinite(view.param_norm) & (view.param_norm > 0)
     ratio = grouped_median(key[ok], view.update_norm[ok] / view.param_norm[ok])
     has = (view.t_stage >= 0) & ~np.isnan(view.drift)
-    last_drift = {}
-    if has.any():
-        k, s, d = key[has], view.t_step[has], view.drift[has]
-        order = np.lexsort((s, k))
-        k, d = k[order], d[order]
-        last = np.r_[k[1:] != k[:-1], True]
-        last_drift = dict(zip(k[last].tolist(), d[last].tolist()))
+    last_drift = last_per_key(key[has], view.t_step[has], view.drift[has])
     return {"update_ratio_median": ratio, "last_drift": last_drift}

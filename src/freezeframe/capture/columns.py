@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pyarrow as pa
 
@@ -13,8 +15,11 @@ def _floats(values: list) -> list:
 
 
 class Columns:
+    """Thread-safe: the training thread adds rows, the writer thread may take them."""
+
     def __init__(self, n_params: int):
         self.n_params = n_params
+        self._lock = threading.Lock()
         self._reset()
 
     def _reset(self) -> None:
@@ -23,6 +28,10 @@ class Columns:
         self.scalars: dict[str, list] = {name: [] for name in layout.SCALARS_SCHEMA.names}
 
     def add_step(self, step, stage, session, optimizer, time, recorded, lr, momentum, wd, grads) -> None:
+        with self._lock:
+            self._add_step(step, stage, session, optimizer, time, recorded, lr, momentum, wd, grads)
+
+    def _add_step(self, step, stage, session, optimizer, time, recorded, lr, momentum, wd, grads) -> None:
         s = self.steps
         s["step"].append(step)
         s["stage"].append(stage)
@@ -38,19 +47,24 @@ class Columns:
     def add_tensors(self, step: int, tensor: np.ndarray, *metrics: tuple[np.ndarray, np.ndarray | None]) -> None:
         """`metrics`: (values, measured) for grad_norm, update_norm, param_norm, drift; a value
         not measured is stored as null (a measured NaN or Inf is kept: it is a finding)."""
-        self.tensors.append((step, tensor, *metrics))
+        with self._lock:
+            self.tensors.append((step, tensor, *metrics))
 
     def add_scalar(self, step: int, name: str, value: float) -> None:
-        self.scalars["step"].append(step)
-        self.scalars["name"].append(name)
-        self.scalars["value"].append(value)
+        with self._lock:
+            self.scalars["step"].append(step)
+            self.scalars["name"].append(name)
+            self.scalars["value"].append(value)
 
     def take(self) -> dict[str, pa.Table]:
         """Everything buffered, as tables; the buffers start empty again."""
-        steps = pa.Table.from_pydict(self.steps, schema=layout.STEPS_SCHEMA)
-        scalars = pa.Table.from_pydict(self.scalars, schema=layout.SCALARS_SCHEMA)
-        if self.tensors:
-            cols = list(zip(*self.tensors))
+        with self._lock:
+            steps_cols, tensor_rows, scalar_cols = self.steps, self.tensors, self.scalars
+            self._reset()
+        steps = pa.Table.from_pydict(steps_cols, schema=layout.STEPS_SCHEMA)
+        scalars = pa.Table.from_pydict(scalar_cols, schema=layout.SCALARS_SCHEMA)
+        if tensor_rows:
+            cols = list(zip(*tensor_rows))
             tensor = np.concatenate(cols[1])
             arrays = [pa.array(np.concatenate([np.full(len(t), s, dtype=np.int64) for s, t in zip(cols[0], cols[1])])),
                       pa.array(tensor)]
@@ -61,5 +75,4 @@ class Columns:
             tensors = pa.Table.from_arrays(arrays, schema=layout.TENSORS_SCHEMA)
         else:
             tensors = layout.TENSORS_SCHEMA.empty_table()
-        self._reset()
         return {layout.STEPS: steps, layout.TENSORS: tensors, layout.SCALARS: scalars}

@@ -51,6 +51,12 @@ class OptimizerView:
         """How many tensors hold optimizer state (momentum buffers...), None if unknown."""
         return None
 
+    def nominal_floors(self) -> list[float | None]:
+        """Per group, the lowest lr of the schedule that states the nominal peak, when the peak
+        may be a leftover of an earlier schedule (torch's OneCycleLR leaves `max_lr` in the
+        group when it is done); None where the framework's peak is always current."""
+        return [None] * len(self.groups())
+
 
 def unwrap_optimizer(opt):
     """The torch optimizer inside Accelerate's AcceleratedOptimizer / Lightning's LightningOptimizer
@@ -86,6 +92,10 @@ class TorchOptimizerView(OptimizerView):
 
     def state_count(self) -> int:
         return sum(1 for st in self.opt.state.values() if st)
+
+    def nominal_floors(self):
+        return [min(_num(g.get("initial_lr")) or math.inf, _num(g.get("min_lr")) or math.inf)
+                if "max_lr" in g else None for g in self.opt.param_groups]
 
     def hypers(self):
         out = []

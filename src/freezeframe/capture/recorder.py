@@ -82,8 +82,10 @@ class Recorder:
                 "started": time.time(), "ended": None, "first_step": self._step, "every": self.sampler.every,
                 "calibration": None, "argv": list(sys.argv), "versions": versions(self.options.framework_versions),
             })
-            self._writer = store.RunWriter(self.path, self.session) if self._dist.writes else NullWriter()
             self._cols = Columns(self._P)
+            self._writer = (store.RunWriter(self.path, self.session, pull=self._cols.take,
+                                            interval=self.options.flush_seconds)
+                            if self._dist.writes else NullWriter())
             self._init_state()
             self._install_hooks()
             self._flush()
@@ -242,11 +244,11 @@ class Recorder:
     # ------------------------------------------------------------------ forward passes
     def _forward_pre(self, module, grad_enabled: bool) -> None:
         self._bounds.detect_buffer_writes()
+        if grad_enabled and not self._hooked.all():  # training in eval mode (frozen BN stats) too
+            self._hook_new_trainable()
         if module.training:
             if self._count_forwards:
                 self._pending_train_fwd += 1
-            if grad_enabled and not self._hooked.all():
-                self._hook_new_trainable()
         elif self._count_forwards and self._stage is not None:
             self._stage.forward_passes["eval"] += 1
 
@@ -272,6 +274,10 @@ class Recorder:
             self._layout = build_layout(self._views, self._index_of, self._P)
             self._count_idx = [np.union1d(m, self._layout.orphans) for m in self._layout.members]
         trainable = [i for i, p in enumerate(self._params) if p.requires_grad]
+        if not self._hooked[trainable].all():
+            # Unfrozen without a forward of the root module since (Lightning's training_step may
+            # call submodules only): hooked now, before a closure's backward inside step() runs.
+            self._hook_new_trainable()
         st = self._stage
         began = (st is None or self._force_new or st.trainable != trainable
                  or (self._layout is not self._stage_layout and st.groups != self._layout.groups))
@@ -283,6 +289,8 @@ class Recorder:
         for g, (_, _, _, nominal) in enumerate(hypers):
             if nominal is not None:
                 stage.lr_nominal[g] = nominal
+        if any(h[3] is not None for h in hypers):
+            stage.lr_nominal_floor = [f for v in self._views for f in v.nominal_floors()]
         recorded = self.sampler.is_recorded(self._step - stage.first_step)
         pending = {"j": j, "recorded": recorded, "hypers": hypers, "rec_s": 0.0, "began": began}
         if recorded:
@@ -499,6 +507,13 @@ class Recorder:
             self._stage.skipped_steps = (self._stage.skipped_steps or 0) + 1
         else:
             self._skips_before_stage += 1
+
+    def prepare_batch(self) -> None:
+        """Hook tensors unfrozen since the last forward of the watched module (integrations call
+        this before each training batch when the framework may not call that module itself,
+        e.g. a LightningModule whose training_step calls its submodules)."""
+        if not self._hooked.all():
+            self._guard("prepare_batch()", self._hook_new_trainable)
 
     def settle(self) -> None:
         """Everything recorded so far on disk, and the run marked complete until more steps come

@@ -25,6 +25,7 @@ class StageRecord:
     epochs: int | None = None
     forward_passes: dict = field(default_factory=lambda: {"train": 0, "eval": 0})
     lr_nominal: list = field(default_factory=list)   # per group: the peak the schedule states
+    lr_nominal_floor: list = field(default_factory=list)  # per group: that schedule's lowest lr, if stale-prone
     grad_steps: np.ndarray | None = None              # per param
     end_hashes: list | None = None                    # per tensor, None entries where unknown
     end_kind: str | None = None                       # "hashed" | "versions"

@@ -116,9 +116,15 @@ class RunWriter:
     enqueues; `error` holds the first exception the thread met (the recorder turns it into
     one warning)."""
 
-    def __init__(self, path: Path, session: int):
+    def __init__(self, path: Path, session: int, *, pull=None, interval: float | None = None):
+        """`pull()`, when given, returns the tables buffered since the last hand-over; the
+        thread calls it itself whenever `interval` seconds pass with nothing submitted, so a
+        step waits at most that long in memory even if no further step comes (a long
+        validation, a hang, a kill)."""
         self.path = path
         self.session = session
+        self._pull = pull
+        self._interval = interval
         self.error: BaseException | None = None
         self.bytes_written = 0
         self._seq = {t: 0 for t in layout.TABLES}
@@ -146,7 +152,15 @@ class RunWriter:
     # -- the writer thread ------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            job = self._queue.get()
+            try:
+                job = self._queue.get(timeout=self._interval) if self._pull else self._queue.get()
+            except queue.Empty:
+                try:
+                    if self.error is None:
+                        self._write(self._pull(), None)
+                except BaseException as e:  # noqa: BLE001 - reported by the recorder
+                    self.error = e
+                continue
             try:
                 if job is None:
                     return
