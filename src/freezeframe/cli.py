@@ -60,6 +60,27 @@ def cmd_diff(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    import time
+    from pathlib import Path
+
+    from .analyse.figures import from_run
+    from .render.html import write_html
+
+    t0 = time.perf_counter()
+    run = _load(args.run)
+    data = from_run(run, depth=args.depth)
+    written = [write_html(run, args.output or Path(args.run) / "report.html", data=data)]
+    if args.png:
+        from .render.images import write_pngs
+
+        written += write_pngs(run, args.png, data=data)
+    for path in written:
+        print(path)
+    print(f"report built in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -89,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("b", help="the later checkpoint")
     f.add_argument("--json", action="store_true", help="print {schema: freezeframe.diff/1, params, only_in_a, only_in_b}")
     f.set_defaults(func=cmd_diff)
+
+    r = sub.add_parser("report", help="one self-contained interactive HTML report (and PNGs with --png)")
+    r.add_argument("run", help="a run directory")
+    r.add_argument("-o", "--output", default=None, help="the HTML file to write (default: RUN/report.html)")
+    r.add_argument("--png", metavar="DIR", default=None, help="also write every figure as a PNG into DIR")
+    r.add_argument("--depth", type=int, default=None, help="module-tree depth of the freeze map (default: fits ~40 rows)")
+    r.set_defaults(func=cmd_report)
 
     d = sub.add_parser("demo", help="fine-tune a small pretrained CNN on scikit-learn's digits and show what happened")
     d.add_argument("--out", default="runs/demo", help="where to write the run (default: runs/demo)")

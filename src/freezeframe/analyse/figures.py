@@ -1,0 +1,403 @@
+"""Figure data for the report: pure functions from a run's summary and stored tables to plain dicts
+and numpy arrays (freeze map, update heatmap, learning rates, drift, loss); renderers only draw them."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .rollup import auto_depth, rollup
+
+MAX_COLUMNS = 2000      # the update heatmap shows at most this many step columns (then it bins steps)
+FREEZE_MAP_ROWS = 40    # default rows of the freeze map and the drift figure (as `freezeframe summary`)
+HEATMAP_ROWS = 120      # default rows of the update heatmap
+SHADE_DECADES = 4       # freeze-map shade: drift_rel from 10**-SHADE_DECADES (lightest) to 1 (darkest)
+_DEFAULT_GROUP_NAME = re.compile(r"^(opt\d+\.)?pg\d+$")
+
+
+# ----------------------------------------------------------------------------- names
+def readable_name(name: str, *, fastai: bool = False) -> str:
+    """A module path as a person reads it: numeric parts as indices (`stem.0` → `stem[0]`); in a
+    fastai model (a Sequential of body and head) `0.4.0.conv1` → `body[4][0].conv1`."""
+    if not name or name == "(root)":
+        return "(root)"
+    out = ""
+    for i, part in enumerate(name.split(".")):
+        if i == 0 and fastai and part in ("0", "1"):
+            out = "body" if part == "0" else "head"
+        elif part.isdigit():
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _is_fastai_layout(summary: dict) -> bool:
+    tops = {m["name"].split(".")[0] for m in summary["modules"] if m["name"]}
+    return summary["run"].get("framework") == "fastai" and bool(tops) and tops <= {"0", "1"}
+
+
+def group_labels(summary: dict) -> dict[int, str]:
+    """Global param-group index → the layer group it is: its own name when it has one, else
+    `group k` with k its position in its optimizer (so `pg0` and `opt1.pg0` of a rebuilt
+    optimizer are both `group 0`)."""
+    out: dict[int, str] = {}
+    for s in summary["stages"]:
+        seen: dict[int, int] = {}
+        for g in s["groups"]:
+            pos = seen.get(g["optimizer"], 0)
+            seen[g["optimizer"]] = pos + 1
+            out.setdefault(g["index"], g["name"] if not _DEFAULT_GROUP_NAME.match(g["name"]) else f"group {pos}")
+    return out
+
+
+def _row_group(groups: list[int], labels: dict[int, str]) -> str:
+    names = list(dict.fromkeys(labels.get(g, f"pg{g}") for g in groups))
+    if not names:
+        return "no group"
+    if len(names) == 1:
+        return names[0]
+    if all(n.startswith("group ") for n in names):
+        return "groups " + "/".join(n.removeprefix("group ") for n in names)
+    return " / ".join(names)
+
+
+def _rows(summary: dict, depth: int) -> list[dict]:
+    """The rollup at `depth`, each row with its name, a readable label and its layer group."""
+    labels = group_labels(summary)
+    fastai = _is_fastai_layout(summary)
+    rows = rollup(summary, depth)
+    for r in rows:
+        r["group"] = _row_group(r["groups"], labels)
+        r["readable"] = readable_name(r["name"], fastai=fastai)
+        r["label"] = f"{r['group']} · {r['readable']}"
+    return rows
+
+
+def _group_breaks(rows: list[dict]) -> list[int]:
+    """Row indices where the layer group changes (drawn as separators when groups are contiguous)."""
+    breaks = [i for i in range(1, len(rows)) if rows[i]["group"] != rows[i - 1]["group"]]
+    return breaks if len(breaks) < len({r["group"] for r in rows}) else []
+
+
+# ----------------------------------------------------------------------------- stages
+def stages(summary: dict) -> list[dict]:
+    out = []
+    for s in summary["stages"]:
+        label = f"{s['index']}: {s['name']}" + (" [trial]" if s["kind"] == "trial" else "")
+        out.append({"index": s["index"], "name": s["name"], "label": label, "kind": s["kind"],
+                    "first_step": s["first_step"], "last_step": s["last_step"], "steps": s["steps"],
+                    "starts_from_previous_end": s["starts_from_previous_end"], "continuity": s["continuity"],
+                    "changed_since_previous_end": len(s["changed_since_previous_end"])})
+    return out
+
+
+def boundaries(summary: dict) -> list[float]:
+    """x positions (in steps) of the boundaries between consecutive stages."""
+    return [s["first_step"] - 0.5 for s in summary["stages"][1:] if s["first_step"] is not None]
+
+
+def continuity_note(summary: dict) -> str:
+    parts = []
+    for s in summary["stages"][1:]:
+        if s["starts_from_previous_end"] is True:
+            parts.append(f"stage {s['index']} started where the previous stage ended "
+                         f"({'bitwise' if s['continuity'] == 'bitwise' else 'no tensor written in between'})")
+        elif s["starts_from_previous_end"] is False:
+            parts.append(f"stage {s['index']} did NOT start where the previous stage ended "
+                         f"({len(s['changed_since_previous_end'])} tensors differ)")
+    return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------- freeze map
+def _pct(x: float | None) -> str:
+    if x is None:
+        return ""
+    return f"{100 * x:.2g}%" if x < 0.1 else f"{100 * x:.0f}%"
+
+
+def shade(drift_rel: float | None) -> float:
+    """0 (no movement) .. 1 (moved by its own norm or more), on a log scale of SHADE_DECADES decades."""
+    if drift_rel is None or drift_rel <= 0:
+        return 0.0
+    return float(min(max((math.log10(drift_rel) + SHADE_DECADES) / SHADE_DECADES, 0.0), 1.0))
+
+
+def _state(trainable) -> str | None:
+    return {True: "trainable", False: "frozen", "partial": "partial"}.get(trainable) if trainable is not None else None
+
+
+def _cell_text(state: str | None, changed, drift_rel) -> str:
+    word = {"trainable": "trains", "frozen": "frozen", "partial": "partial", None: "?"}[state]
+    if changed is True:
+        return f"{word} Δ{_pct(drift_rel)}" if drift_rel is not None else f"{word} Δ"
+    if changed is False:
+        return f"{word} ="
+    return word
+
+
+def freeze_map(summary: dict, depth: int | None = None, *, max_rows: int = FREEZE_MAP_ROWS) -> dict:
+    """Modules (rolled up to `depth`) × stages: state (trainable / frozen / partial / None),
+    bitwise changed, drift_rel at the stage's end, a 0..1 shade from drift, and the cell text."""
+    depth = auto_depth(summary, max_rows) if depth is None else max(1, int(depth))
+    rows = _rows(summary, depth)
+    state = [[_state(e["trainable"]) for e in r["stages"]] for r in rows]
+    changed = [[e["changed"] for e in r["stages"]] for r in rows]
+    drift = [[e["drift_rel"] for e in r["stages"]] for r in rows]
+    return {
+        "depth": depth,
+        "rows": [{"name": r["name"], "label": r["label"], "readable": r["readable"], "group": r["group"],
+                  "types": r["types"], "numel": r["numel"], "tensors": len(r["params"])} for r in rows],
+        "stages": stages(summary),
+        "state": state,
+        "changed": changed,
+        "drift_rel": drift,
+        "shade": [[shade(d) for d in row] for row in drift],
+        "text": [[_cell_text(s, c, d) for s, c, d in zip(*cells)] for cells in zip(state, changed, drift)],
+        "group_breaks": _group_breaks(rows),
+    }
+
+
+def drift(summary: dict, depth: int | None = None, *, max_rows: int = FREEZE_MAP_ROWS) -> dict:
+    """Per module (rolled up to `depth`): drift_rel (distance from W_ref relative to ||W_ref||)
+    at the end of each stage, with the continuity verdict of each stage."""
+    fm = freeze_map(summary, depth, max_rows=max_rows)
+    return {"depth": fm["depth"], "rows": fm["rows"], "stages": fm["stages"], "drift_rel": fm["drift_rel"],
+            "state": fm["state"], "changed": fm["changed"], "group_breaks": fm["group_breaks"],
+            "continuity": continuity_note(summary)}
+
+
+# ----------------------------------------------------------------------------- update heatmap
+def _np(table: pa.Table, name: str, dtype) -> np.ndarray:
+    return table.column(name).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+
+
+def _valid(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).is_valid().to_numpy(zero_copy_only=False)
+
+
+def _stage_of_steps(steps: pa.Table, at: np.ndarray) -> np.ndarray:
+    """The stage of each step in `at` (-1 when the step has no row)."""
+    step = _np(steps, "step", np.int64)
+    stage = _np(steps, "stage", np.int64)
+    if not len(step):
+        return np.full(len(at), -1, dtype=np.int64)
+    order = np.argsort(step, kind="stable")
+    step, stage = step[order], stage[order]
+    pos = np.clip(np.searchsorted(step, at), 0, len(step) - 1)
+    return np.where(step[pos] == at, stage[pos], -1)
+
+
+def update_matrix(summary: dict, steps: pa.Table, tensors: pa.Table, rows: list[dict]) -> dict:
+    """Per row (a set of parameter tensors) and recorded step: log10(sqrt(sum update²) / sqrt(sum
+    param²)) over the row's tensors measured at that step. NaN: nothing measured; -inf: an update of
+    exactly 0. `nonfinite` counts measured NaN/Inf values per cell."""
+    P = len(summary["params"])
+    index = {p["name"]: i for i, p in enumerate(summary["params"])}
+    row_of = np.full(P, -1, dtype=np.int64)
+    for r, row in enumerate(rows):
+        row_of[[index[n] for n in row["params"]]] = r
+    t_step = _np(tensors, "step", np.int64)
+    t_tensor = _np(tensors, "tensor", np.int64)
+    is_param = (t_tensor >= 0) & (t_tensor < P)
+    keep = is_param.copy()
+    keep[is_param] = row_of[t_tensor[is_param]] >= 0
+    measured = keep & _valid(tensors, "update_norm") & _valid(tensors, "param_norm")
+    un = _np(tensors, "update_norm", np.float64)
+    pn = _np(tensors, "param_norm", np.float64)
+    finite = np.isfinite(un) & np.isfinite(pn)
+    first = int(t_step[measured].min()) if measured.any() else 0
+    seen = np.bincount(t_step[measured] - first) > 0 if measured.any() else np.zeros(0, dtype=bool)
+    columns = np.flatnonzero(seen) + first   # the recorded steps, sorted (O(n), no sort of the rows)
+    col_stage = _stage_of_steps(steps, columns)
+    ok = col_stage >= 0
+    columns, col_stage = columns[ok], col_stage[ok]
+    R, C = len(rows), len(columns)
+    col_of_step = np.full(len(seen), -1, dtype=np.int64)
+    col_of_step[columns - first] = np.arange(C)
+    rel = t_step - first
+    col = np.full(len(t_step), -1, dtype=np.int64)
+    inside = measured & (rel >= 0) & (rel < len(seen))
+    col[inside] = col_of_step[rel[inside]]
+    col_ok = col >= 0
+    good = measured & finite & col_ok
+    bad = measured & ~finite & col_ok
+    key = row_of[t_tensor[good]] * C + col[good]
+    size = R * C
+    upd = np.bincount(key, un[good] ** 2, minlength=size).reshape(R, C)
+    par = np.bincount(key, pn[good] ** 2, minlength=size).reshape(R, C)
+    cnt = np.bincount(key, minlength=size).reshape(R, C)
+    nonfinite = np.bincount(row_of[t_tensor[bad]] * C + col[bad], minlength=size).reshape(R, C)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = np.where((cnt > 0) & (par > 0), 0.5 * (np.log10(upd) - np.log10(par)), np.nan)
+    return {"steps": columns, "stage": col_stage, "values": values, "nonfinite": nonfinite}
+
+
+def _bins(n: int, k: int) -> np.ndarray:
+    """Edges splitting n consecutive columns into k nearly equal bins."""
+    return np.linspace(0, n, k + 1).round().astype(np.int64)
+
+
+def binned_median(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Median over the columns lo[j]:hi[j] of each row, ignoring NaN (all NaN: NaN); -inf counts
+    as a value. Vectorised: the bins are gathered into one padded array and sorted once."""
+    width = int((hi - lo).max()) if len(lo) else 0
+    idx = lo[:, None] + np.arange(width)[None, :]
+    pad = idx >= hi[:, None]
+    block = values[:, np.minimum(idx, values.shape[1] - 1)]      # rows × bins × width
+    block[:, pad] = np.nan
+    block.sort(axis=2)                                              # NaN sorts last
+    n = (~np.isnan(block)).sum(axis=2)
+    below = np.take_along_axis(block, np.maximum(n - 1, 0)[..., None] // 2, axis=2)[..., 0]
+    above = np.take_along_axis(block, (n // 2)[..., None], axis=2)[..., 0] if width else below
+    with np.errstate(invalid="ignore"):
+        mid = np.where(below == above, below, (below + above) / 2)  # -inf twice stays -inf
+    return np.where(n > 0, mid, np.nan)
+
+
+def update_heatmap(summary: dict, steps: pa.Table, tensors: pa.Table, depth: int | None = None, *,
+                   max_rows: int = HEATMAP_ROWS, max_columns: int = MAX_COLUMNS) -> dict:
+    """Modules (rolled up to `depth`) × recorded steps, colour = log10 of the update-to-weight ratio.
+
+    More recorded steps than `max_columns`: consecutive steps of one stage are binned and each
+    column holds the median of its steps (the note says so). Cells of a module frozen for the
+    whole stage are marked in `frozen` (rows × stages), updates of exactly 0 and non-finite
+    measurements in `zero` / `nonfinite` (rows × columns), so none is confused with a small value."""
+    depth = auto_depth(summary, max_rows) if depth is None else max(1, int(depth))
+    rows = _rows(summary, depth)
+    m = update_matrix(summary, steps, tensors, rows)
+    values, nonfinite, col_steps, col_stage = m["values"], m["nonfinite"], m["steps"], m["stage"]
+    recorded = len(col_steps)
+    stage_pos = {s["index"]: k for k, s in enumerate(summary["stages"])}
+    downsampled = recorded > max_columns
+    x, x_first, x_last, stage_col, bin_size = col_steps.astype(np.float64), col_steps, col_steps, col_stage, None
+    if downsampled:
+        edges = []
+        seg_starts = np.flatnonzero(np.r_[True, col_stage[1:] != col_stage[:-1]])
+        for a, b in zip(seg_starts, np.r_[seg_starts[1:], recorded]):
+            k = min(b - a, max(1, int(max_columns * (b - a) / recorded)))
+            edges.append(a + _bins(b - a, k)[:-1])
+        lo = np.concatenate(edges)
+        hi = np.r_[lo[1:], recorded]
+        values = binned_median(values, lo, hi)
+        nonfinite = np.add.reduceat(nonfinite, lo, axis=1)
+        x_first, x_last, stage_col = col_steps[lo], col_steps[hi - 1], col_stage[lo]
+        x = (x_first + x_last) / 2
+        bin_size = recorded / len(lo)
+    shown = np.where(np.isfinite(values), values, np.nan).astype(np.float32)
+    frozen = np.array([[e["trainable"] is False for e in r["stages"]] for r in rows], dtype=bool).reshape(
+        len(rows), len(summary["stages"]))
+    n_steps = summary["run"]["steps"]
+    if downsampled:
+        note = (f"downsampled: {recorded:,} recorded steps shown as {values.shape[1]:,} columns, each the median "
+                f"of about {bin_size:.0f} consecutive steps of one stage")
+    elif recorded < n_steps:
+        note = f"{recorded:,} of {n_steps:,} steps recorded (every N-th step; the first of every stage)"
+    else:
+        note = f"every one of the {n_steps:,} steps"
+    finite_vals = shown[np.isfinite(shown)]
+    return {
+        "depth": depth,
+        "rows": [{"name": r["name"], "label": r["label"], "readable": r["readable"], "group": r["group"],
+                  "types": r["types"], "numel": r["numel"], "tensors": len(r["params"])} for r in rows],
+        "stages": stages(summary),
+        "x": x, "x_first": np.asarray(x_first), "x_last": np.asarray(x_last),
+        "stage_of_column": np.asarray([stage_pos.get(int(s), -1) for s in stage_col], dtype=np.int64),
+        "values": shown,
+        "zero": np.isneginf(values),
+        "nonfinite": nonfinite > 0,
+        "frozen": frozen,
+        "range": (float(finite_vals.min()), float(finite_vals.max())) if finite_vals.size else None,
+        "recorded_steps": recorded, "downsampled": downsampled, "aggregate": "median" if downsampled else None,
+        "bin_size": bin_size, "note": note, "group_breaks": _group_breaks(rows),
+        "boundaries": boundaries(summary),
+    }
+
+
+# ----------------------------------------------------------------------------- learning rates
+def learning_rates(summary: dict, steps: pa.Table) -> dict:
+    """Per param group and stage: the lr applied at each step its optimizer took."""
+    step = _np(steps, "step", np.int64)
+    stage = _np(steps, "stage", np.int64)
+    opt = steps.column("optimizer").fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    lr_col = steps.column("lr")
+    if isinstance(lr_col, pa.ChunkedArray):
+        lr_col = lr_col.combine_chunks() if lr_col.num_chunks else pa.array([], lr_col.type)
+    lengths = pc.list_value_length(lr_col).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    offsets = lr_col.offsets.to_numpy().astype(np.int64)[:-1] if len(lr_col) else np.zeros(0, np.int64)
+    flat = lr_col.values.to_numpy(zero_copy_only=False).astype(np.float64) if len(lr_col) else np.zeros(0)
+    labels = group_labels(summary)
+    series = []
+    for s in summary["stages"]:
+        for g in s["groups"]:
+            gi = g["index"]
+            sel = np.flatnonzero((stage == s["index"]) & (opt == g["optimizer"]) & (lengths > gi))
+            series.append({"group": gi, "name": g["name"], "layer_group": labels.get(gi, g["name"]),
+                           "stage": s["index"], "stage_name": s["name"], "lr_max": g["lr_max"],
+                           "steps": step[sel], "lr": flat[offsets[sel] + gi]})
+    return {"series": series, "stages": stages(summary), "boundaries": boundaries(summary),
+            "layer_groups": list(dict.fromkeys(labels[g] for g in sorted(labels)))}
+
+
+# ----------------------------------------------------------------------------- loss
+def loss(scalars: pa.Table, name: str = "loss") -> dict | None:
+    """The last `name` value logged at each step (None when the run logged none)."""
+    if scalars.num_rows == 0:
+        return None
+    sel = scalars.filter(pc.equal(scalars.column("name"), name))
+    if sel.num_rows == 0:
+        return None
+    step = _np(sel, "step", np.int64)
+    value = _np(sel, "value", np.float64)
+    order = np.argsort(step, kind="stable")
+    step, value = step[order], value[order]
+    last = np.r_[step[1:] != step[:-1], True]
+    return {"name": name, "steps": step[last], "values": value[last]}
+
+
+# ----------------------------------------------------------------------------- everything
+def figure_data(summary: dict, steps: pa.Table, tensors: pa.Table, scalars: pa.Table, *,
+                depth: int | None = None, heatmap_depth: int | None = None,
+                max_columns: int = MAX_COLUMNS) -> dict:
+    """Everything the report draws. `depth`: module-tree depth of the freeze map and the drift
+    figure (default: fits ~40 rows); `heatmap_depth`: of the update heatmap (default: ~120 rows)."""
+    return {
+        "stages": stages(summary),
+        "boundaries": boundaries(summary),
+        "freeze_map": freeze_map(summary, depth),
+        "heatmap": update_heatmap(summary, steps, tensors, heatmap_depth, max_columns=max_columns),
+        "lr": learning_rates(summary, steps),
+        "drift": drift(summary, depth),
+        "loss": loss(scalars),
+    }
+
+
+FIGURES = ("freeze_map", "heatmap", "lr", "drift", "loss")
+
+
+def one_figure(run, name: str, *, depth: int | None = None) -> dict | None:
+    """The data of one figure of a `Run` (None for "loss" when the run logged none)."""
+    summary = run.summary()
+    stored = run._stored
+    if name == "freeze_map":
+        return freeze_map(summary, depth)
+    if name == "heatmap":
+        return update_heatmap(summary, stored.steps, stored.tensors, depth)
+    if name == "lr":
+        return learning_rates(summary, stored.steps)
+    if name == "drift":
+        return drift(summary, depth)
+    if name == "loss":
+        return loss(stored.scalars)
+    raise ValueError(f"unknown figure {name!r}; the figures are {', '.join(map(repr, FIGURES))}")
+
+
+def from_run(run, **options) -> dict:
+    """`figure_data` of a `Run`. Reads the stored tables as written: `Run.steps()` joins the loss
+    and `Run.tensors()` adds names, neither needed here."""
+    stored = run._stored
+    return figure_data(run.summary(), stored.steps, stored.tensors, stored.scalars, **options)
