@@ -84,7 +84,13 @@ def cmd_report(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(out=args.out, seed=args.seed, console=_console())
+    try:
+        epochs = tuple(int(x) for x in args.epochs.split(","))
+        assert len(epochs) == 2 and min(epochs) > 0
+    except (ValueError, AssertionError):
+        raise FreezeFrameError(f"--epochs takes two positive counts like 3,5 (head only, unfrozen), got {args.epochs!r}") from None
+    return run_demo(out=args.out, seed=args.seed, console=_console(), epochs=epochs,
+                    pretrain_epochs=args.pretrain_epochs, report=not args.no_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="fine-tune a small pretrained CNN on scikit-learn's digits and show what happened")
     d.add_argument("--out", default="runs/demo", help="where to write the run (default: runs/demo)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    d.add_argument("--epochs", default="3,5", help="epochs of the two fine-tuning stages (default: 3,5)")
+    d.add_argument("--pretrain-epochs", type=int, default=6, help="epochs of pretraining on digits 0-4 (default: 6)")
+    d.add_argument("--no-report", action="store_true", help="skip report.html and the PNGs")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -6,6 +6,7 @@ again with discriminative learning rates over 3 layer groups."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -194,6 +195,18 @@ def run_demo(*, out: str = "runs/demo", seed: int = 0, console=None, epochs=(3, 
         model, cached = pretrained(seed, data, progress, epochs=pretrain_epochs)
         accs = fine_tune(model, data, out, seed, epochs=epochs, progress=progress)
     run = freezeframe.load(out)
+    (Path(out) / "demo.json").write_text(json.dumps(
+        {"seed": seed, "epochs": list(epochs), "pretrain_epochs": pretrain_epochs, "accuracy": accs,
+         "pretrained_from_cache": cached}, indent=2))
+    written = []
+    if report:
+        from freezeframe.analyse.figures import from_run
+        from freezeframe.render.html import write_html
+        from freezeframe.render.images import write_pngs
+
+        data = from_run(run)
+        written = [write_html(run, Path(out) / "report.html", data=data)]
+        written += write_pngs(run, Path(out) / "png", data=data)
     if console is not None:
         console.print(run_renderable(run.summary()))
         table = Table(title="Accuracy on held-out digits 5-9", title_justify="left")
@@ -204,5 +217,7 @@ def run_demo(*, out: str = "runs/demo", seed: int = 0, console=None, epochs=(3, 
         console.print(table)
         console.print(f"pretrained model: {'from the cache' if cached else 'trained now and cached'} in {cache_dir()}")
         console.print(f"run: {out}    (freezeframe summary {out})")
+        for path in written:
+            console.print(f"wrote {path}")
         console.print(f"demo took {time.perf_counter() - t0:.1f} s")
     return 0
