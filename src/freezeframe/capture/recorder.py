@@ -25,12 +25,14 @@ from .columns import Columns
 from .dist import Dist, NullWriter
 from .scaler import ScalerWatch
 from .session import Options, check_same_model, load_or_create_reference, versions
-from .modelmap import build_model_map
+from .modelmap import build_model_map, normalise_name, unwrap
 from .optim import OptimizerView, as_view, build_layout, unwrap_optimizer
 from .sampling import Sampler
 from .stages import StageRecord, judge_continuity, previous_for_continuity
 
 log = logging.getLogger("freezeframe")
+
+STRUCTURE_CHECK_S = 2.0  # how often (at most) a step looks for replaced parameters: a walk of the model
 
 
 class Recorder:
@@ -126,6 +128,7 @@ class Recorder:
         self._last_rec_s: float | None = None
         self._last_flush = time.monotonic()
         self._count_forwards = True
+        self._structure_checked = time.perf_counter()
         self._skips_known = self.options.skips_known or self.options.scaler is not None
         self._skips_before_stage = 0
         self._warned: set[str] = set()
@@ -268,6 +271,8 @@ class Recorder:
             if self._calibrated:
                 self._agree_every(failed=False)
         self._last_pre_t, self._own_s, self._last_rec_s = t_start, 0.0, None
+        if t_start - self._structure_checked > STRUCTURE_CHECK_S:
+            self._check_structure()
         self._bounds.detect_buffer_writes()
         view = self._views[j]
         if view.membership_key() != self._layout.key[j]:
@@ -301,6 +306,41 @@ class Recorder:
             pending["before"] = metrics.snapshot([self._params[i] for i in cand])
             pending["rec_s"] = time.perf_counter() - t0
         self._pending = pending
+
+    def _check_structure(self) -> None:
+        """Follow parameters replaced under the same name (a new head: `model.fc = nn.Linear(...)`).
+        Parameters that appear under new names or disappear are reported once, not recorded."""
+        self._structure_checked = time.perf_counter()
+        current = {normalise_name(n): p for n, p in unwrap(self.model).named_parameters()}
+        rebound = []
+        for i, info in enumerate(self.map.params):
+            p = current.get(info.name)
+            if p is None or p is self._params[i]:
+                continue
+            del self._index_of[id(self._params[i])]
+            self._params[i] = p
+            self._index_of[id(p)] = i
+            self._hooked[i] = False
+            if list(p.shape) != info.shape or str(p.dtype).removeprefix("torch.") != info.dtype:
+                info.shape, info.numel, info.dtype = list(p.shape), p.numel(), str(p.dtype).removeprefix("torch.")
+                # no reference for a tensor of another shape: drift counts from its first value
+                self._ref[i] = p.detach().clone() if self.options.reference else None
+                self._ref_norms[i] = float(p.detach().double().norm()) if self.options.reference else None
+            rebound.append(info.name)
+        if rebound:
+            log.info("freezeframe: following replaced parameters %s", ", ".join(rebound))
+            self._layout = build_layout(self._views, self._index_of, self._P)
+            self._count_idx = [np.union1d(m, self._layout.orphans) for m in self._layout.members]
+        known = {n for info in self.map.params for n in [info.name, *info.aliases]}
+        new = sorted(set(current) - known)
+        gone = sorted(known - set(current))
+        if (new or gone) and "structure" not in self._warned:
+            self._warned.add("structure")
+            warnings.warn(
+                f"freezeframe: the model's parameters changed while recording {str(self.path)!r}"
+                + (f"; new: {', '.join(new[:5])}{' ...' if len(new) > 5 else ''} (not recorded)" if new else "")
+                + (f"; gone: {', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''} (their record ends)" if gone else "")
+                + ". To record a different model, start a new run.", RuntimeWarning, stacklevel=4)
 
     def _agree_every(self, *, failed: bool) -> None:
         """Rank 0's `every` for all ranks, and whether any rank's recorder failed (one all_reduce
@@ -450,7 +490,8 @@ class Recorder:
         self._guard("stage end", self._end_explicit)
 
     def _begin_explicit(self, name, kind, meta, epochs=None) -> None:
-        self._capture_end()
+        self._capture_end()  # the previous stage's end, before looking for replaced parameters
+        self._check_structure()
         self._explicit = {"name": name, "kind": kind, "parts": 0, "meta": meta, "epochs": epochs}
         self._force_new = True
 
@@ -466,6 +507,7 @@ class Recorder:
             return
         if view.hookable is not None and any(v.hookable is view.hookable for v in self._views):
             return  # already followed
+        self._guard("track()", self._check_structure)
         j = len(self._views)
         self._views.append(view)
         if view.hookable is not None:
