@@ -126,6 +126,8 @@ class Recorder:
         self._own_s = 0.0                       # time spent in our hooks since the last pre-step
         self._last_pre_t: float | None = None
         self._last_rec_s: float | None = None
+        self._fwd_t0: float | None = None     # first training forward since the last step (calibration)
+        self._own_before_fwd = 0.0
         self._last_flush = time.monotonic()
         self._count_forwards = True
         self._structure_checked = time.perf_counter()
@@ -246,6 +248,8 @@ class Recorder:
 
     # ------------------------------------------------------------------ forward passes
     def _forward_pre(self, module, grad_enabled: bool) -> None:
+        if self._fwd_t0 is None and module.training and self.sampler.calibrating:
+            self._fwd_t0, self._own_before_fwd = time.perf_counter(), self._own_s
         self._bounds.detect_buffer_writes()
         if grad_enabled and not self._hooked.all():  # training in eval mode (frozen BN stats) too
             self._hook_new_trainable()
@@ -264,13 +268,17 @@ class Recorder:
         if self._last_pre_t is not None and self.sampler.calibrating:
             sample = None
             if self._last_rec_s is not None:
-                # Between the previous pre-step and now: our own time (hooks) and the user's.
-                training = (t_start - self._last_pre_t) - self._own_s
+                # The step's own work: from its first forward pass to now (data loading and
+                # whatever else the loop does are left out: the budget is then conservative),
+                # or from the previous step when no forward pass of the watched module was seen.
+                since = self._fwd_t0 if self._fwd_t0 is not None else self._last_pre_t
+                training = (t_start - since) - (self._own_s - self._own_before_fwd)
                 sample = (max(training, 1e-9), self._last_rec_s, max(self._own_s - self._last_rec_s, 0.0))
             self._calibrated = self.sampler.observe(sample)  # the same step on every rank
             if self._calibrated:
                 self._agree_every(failed=False)
         self._last_pre_t, self._own_s, self._last_rec_s = t_start, 0.0, None
+        self._fwd_t0, self._own_before_fwd = None, 0.0
         if t_start - self._structure_checked > STRUCTURE_CHECK_S:
             self._check_structure()
         self._bounds.detect_buffer_writes()
@@ -414,10 +422,16 @@ class Recorder:
         self._pending_train_fwd = 0
         self._step += 1
         self._bounds.after_step()  # versions prove what is not written after this step
+        flush_s = 0.0
         if time.monotonic() - self._last_flush > self.options.flush_seconds:
+            t0 = time.perf_counter()
             self._flush()
-        elif pending["recorded"] and not pending["began"]:
-            self._last_rec_s = rec_s  # a clean sample for calibration (no boundary, no flush)
+            flush_s = time.perf_counter() - t0
+        if pending["recorded"] and not pending["began"]:
+            # a sample for calibration (not a stage's first step: that one hashes the model);
+            # a periodic flush is not part of a step's cost, it is spread over many
+            self._last_rec_s = rec_s
+            self._own_s -= flush_s
 
     def _record_metrics(self, step: int, cand: list[int], before: list[torch.Tensor]) -> None:
         P = self._P
