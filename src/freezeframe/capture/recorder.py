@@ -10,6 +10,7 @@ import socket
 import sys
 import time
 import warnings
+import weakref
 from pathlib import Path
 from contextlib import contextmanager
 
@@ -88,6 +89,9 @@ class Recorder:
             self._writer = (store.RunWriter(self.path, self.session, pull=self._cols.take,
                                             interval=self.options.flush_seconds)
                             if self._dist.writes else NullWriter())
+            # A recorder dropped without close(): its writer thread stops (never relied on to
+            # remove hooks: those are weak, and close() removes them).
+            self._finalizer = weakref.finalize(self, self._writer.close, False)
             self._init_state()
             self._install_hooks()
             self._flush()
@@ -140,12 +144,14 @@ class Recorder:
         for j, view in enumerate(self._views):
             opt = view.hookable
             if opt is not None:
-                self._handles.append(opt.register_step_pre_hook(functools.partial(self._hook_pre_step, j)))
-                self._handles.append(opt.register_step_post_hook(functools.partial(self._hook_post_step, j)))
+                self._handles.append(opt.register_step_pre_hook(functools.partial(_weak(self._hook_pre_step), j)))
+                self._handles.append(opt.register_step_post_hook(functools.partial(_weak(self._hook_post_step), j)))
         if self.options.scaler is not None:
-            self._handles.append(ScalerWatch(self.options.scaler, lambda: self._step, self._hook_skipped))
-        self._handles.append(self.model.register_forward_pre_hook(self._hook_forward_pre))
-        self._handles.append(self.model.register_forward_hook(self._hook_forward_post))
+            me = weakref.ref(self)
+            self._handles.append(ScalerWatch(self.options.scaler, lambda: getattr(me(), "_step", None),
+                                             _weak(self._hook_skipped)))
+        self._handles.append(self.model.register_forward_pre_hook(_weak(self._hook_forward_pre)))
+        self._handles.append(self.model.register_forward_hook(_weak(self._hook_forward_post)))
         self._hook_new_trainable()
 
     def _hook_new_trainable(self) -> None:
@@ -154,7 +160,8 @@ class Recorder:
         for i in np.flatnonzero(~self._hooked):
             p = self._params[i]
             if p.requires_grad:
-                self._handles.append(p.register_post_accumulate_grad_hook(functools.partial(self._hook_grad, int(i))))
+                self._handles.append(p.register_post_accumulate_grad_hook(
+                    functools.partial(_flag_grad, self._grad_flags, int(i))))
                 self._hooked[i] = True
 
     def _unlock(self) -> None:
@@ -236,9 +243,6 @@ class Recorder:
         j = next((k for k, v in enumerate(self._views) if v.hookable is opt), None)
         if j is not None:
             self._guard("the scaler's skipped step", self._skip_step, j)
-
-    def _hook_grad(self, i: int, param) -> None:
-        self._grad_flags[i] = 1
 
     def _hook_forward_pre(self, module, args):
         self._guard("the forward pre-hook", self._forward_pre, module, torch.is_grad_enabled())
@@ -499,9 +503,11 @@ class Recorder:
         the framework's facts: planned epochs, and `meta` — e.g. why norm layers train)."""
         self._guard("stage start", self._begin_explicit, name, kind, meta, epochs)
 
-    def end_stage(self) -> None:
-        """The end of an explicit stage: its end state is hashed now."""
-        self._guard("stage end", self._end_explicit)
+    def end_stage(self, *, observed: bool = True) -> None:
+        """The end of an explicit stage: its end state is hashed now. `observed=False` (a fit
+        that died with an exception): the end was not seen, so it is decided at the next stage
+        by version counters, like an automatic boundary."""
+        self._guard("stage end", self._end_explicit, observed)
 
     def _begin_explicit(self, name, kind, meta, epochs=None) -> None:
         self._capture_end()  # the previous stage's end, before looking for replaced parameters
@@ -509,8 +515,13 @@ class Recorder:
         self._explicit = {"name": name, "kind": kind, "parts": 0, "meta": meta, "epochs": epochs}
         self._force_new = True
 
-    def _end_explicit(self) -> None:
-        self._capture_end()
+    def _end_explicit(self, observed: bool = True) -> None:
+        if self._stage is not None and self._pending_train_fwd:
+            # training passes after the stage's last step (a cancelled last step) are this stage's
+            self._stage.forward_passes["train"] += self._pending_train_fwd
+            self._pending_train_fwd = 0
+        if observed:
+            self._capture_end()
         self._explicit = None
         self._force_new = True
 
@@ -525,8 +536,8 @@ class Recorder:
         j = len(self._views)
         self._views.append(view)
         if view.hookable is not None:
-            self._handles.append(view.hookable.register_step_pre_hook(functools.partial(self._hook_pre_step, j)))
-            self._handles.append(view.hookable.register_step_post_hook(functools.partial(self._hook_post_step, j)))
+            self._handles.append(view.hookable.register_step_pre_hook(functools.partial(_weak(self._hook_pre_step), j)))
+            self._handles.append(view.hookable.register_step_post_hook(functools.partial(_weak(self._hook_post_step), j)))
         self._layout = build_layout(self._views, self._index_of, self._P)
         self._count_idx = [np.union1d(m, self._layout.orphans) for m in self._layout.members]
 
@@ -559,9 +570,9 @@ class Recorder:
         self._pending = None
         idx = self._count_idx[j]
         self._grad_flags[idx] = 0  # those gradients were never applied
-        if self._stage is not None:
+        if self._stage is not None and not self._force_new:
             self._stage.skipped_steps = (self._stage.skipped_steps or 0) + 1
-        else:
+        else:  # before the first applied step of the stage about to begin: it is that stage's
             self._skips_before_stage += 1
 
     def prepare_batch(self) -> None:
@@ -609,6 +620,7 @@ class Recorder:
             self._closed = True
             self._remove_hooks()
             self._unlock()
+            self._finalizer.detach()
 
     def __enter__(self) -> "Recorder":
         return self
@@ -619,6 +631,23 @@ class Recorder:
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("failed" if self._dead else "recording")
         return f"<freezeframe.Recorder {str(self.path)!r} {state}, {self._step} steps, {len(self._stages)} stages>"
+
+
+def _weak(method):
+    """A hook that calls `method` through a weak reference: framework objects keep hooks alive
+    (and torch's tensor hooks are invisible to the garbage collector), so a recorder nobody
+    closed must not be kept alive by them, nor keep the model alive."""
+    ref = weakref.WeakMethod(method)
+
+    def hook(*args, **kwargs):
+        m = ref()
+        return None if m is None else m(*args, **kwargs)
+
+    return hook
+
+
+def _flag_grad(flags: np.ndarray, i: int, param) -> None:
+    flags[i] = 1  # a gradient was accumulated into tensor i during this step
 
 
 def _finite(x) -> float | None:
