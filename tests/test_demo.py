@@ -76,3 +76,21 @@ def test_demo_is_deterministic_and_uses_the_cache(demo):
         assert sa[key] == sb[key], key
     strip = lambda st: {k: v for k, v in st.items() if k != "meta"}  # noqa: E731
     assert [strip(x) for x in sa["stages"]] == [strip(x) for x in sb["stages"]]
+
+
+def test_demo_with_fastai(tmp_path, freezeframe_exe, cli_env):
+    pytest.importorskip("fastai")
+    out, stdout = run_demo(tmp_path, freezeframe_exe, cli_env, "fa", "--fastai", "--no-report")
+    s = freezeframe.load(out).summary()
+    assert s["run"]["framework"] == "fastai"
+    assert [st["name"] for st in s["stages"]] == ["fit_one_cycle(2, lr_max=0.01)",
+                                                 "fit_one_cycle(3, lr_max=[0.0001, 0.001, 0.01])"]
+    assert [g["lr_max"] for g in s["stages"][1]["groups"]] == pytest.approx([1e-4, 1e-3, 1e-2], rel=1e-12)
+    assert s["stages"][1]["starts_from_previous_end"] is True
+    for p in s["params"]:
+        body_conv = not p["name"].startswith("head") and not p["is_norm"]
+        assert p["stages"][0]["trainable"] is (not body_conv) and p["stages"][0]["changed"] is (not body_conv)
+        assert p["stages"][1]["changed"] is True
+    acc = json.loads((out / "demo.json").read_text())["accuracy"]
+    before, stage1, stage2 = acc.values()
+    assert before < stage1 < stage2, acc

@@ -90,7 +90,7 @@ def cmd_demo(args) -> int:
     except (ValueError, AssertionError):
         raise FreezeFrameError(f"--epochs takes two positive counts like 3,5 (head only, unfrozen), got {args.epochs!r}") from None
     return run_demo(out=args.out, seed=args.seed, console=_console(), epochs=epochs,
-                    pretrain_epochs=args.pretrain_epochs, report=not args.no_report)
+                    pretrain_epochs=args.pretrain_epochs, report=not args.no_report, fastai=args.fastai)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", default="3,5", help="epochs of the two fine-tuning stages (default: 3,5)")
     d.add_argument("--pretrain-epochs", type=int, default=6, help="epochs of pretraining on digits 0-4 (default: 6)")
     d.add_argument("--no-report", action="store_true", help="skip report.html and the PNGs")
+    d.add_argument("--fastai", action="store_true",
+                   help="the same story with a real fastai Learner (freeze, fit_one_cycle, unfreeze, slice)")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -122,6 +122,10 @@ def pretrained(seed: int, data: dict[str, Split], progress=None, epochs: int = 6
             opt.step()
             if progress:
                 progress.advance(task)
+    # Drop the last batch's gradients, as a model loaded from disk has none: fastai's optimizer
+    # steps every tensor holding a gradient, frozen or not (freezeframe reports that as
+    # frozen-param-changed).
+    model.zero_grad(set_to_none=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(model.state_dict(), tmp)
@@ -180,8 +184,57 @@ def fine_tune(model: DigitNet, data: dict[str, Split], out: str, seed: int, *, e
     return accs
 
 
+def fine_tune_fastai(model: DigitNet, data: dict[str, Split], out: str, seed: int, *, epochs=(3, 5),
+                     progress=None, every: int = 1) -> dict:
+    """The same story with a real fastai Learner: freeze(), fit_one_cycle, unfreeze(),
+    fit_one_cycle with lr_max=slice(...) over the 3 layer groups."""
+    from fastai.callback.core import Callback
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    from fastai.torch_core import set_seed
+    import fastai.callback.schedule  # noqa: F401 - Learner.fit_one_cycle
+
+    from freezeframe.fastai import FreezeFrame
+
+    set_seed(seed)
+    model.head[2] = nn.Linear(model.head[2].in_features, 5)
+    accs = {"before fine-tuning": accuracy(model, data["target_test"])}
+    train = list(zip(data["target_train"].x, data["target_train"].y))
+    valid = list(zip(data["target_test"].x, data["target_test"].y))
+    dls = DataLoaders.from_dsets(train, valid, bs=16, device="cpu", num_workers=0)
+
+    class Progress(Callback):
+        order = 90
+
+        def before_fit(self):
+            self.task = (progress.add_task(self.learn.ff_stage, total=self.n_epoch * len(self.dls.train))
+                         if progress is not None and self.learn.training and self.n_epoch else None)
+
+        def after_batch(self):
+            if self.task is not None and self.training:
+                progress.update(self.task, advance=1, description=f"{self.learn.ff_stage}  loss {float(self.loss):.3f}")
+
+    ff = FreezeFrame(out, every=every, mode="overwrite")
+    learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(), cbs=[ff, Progress()],
+                    splitter=lambda m: m.layer_groups(), wd=0.01)
+    learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
+    learn.logger = lambda *a, **k: None
+    try:
+        learn.freeze()
+        learn.ff_stage = f"fit_one_cycle({epochs[0]})"
+        learn.fit_one_cycle(epochs[0], 1e-2)
+        accs[f"after {learn.ff_stage}"] = accuracy(model, data["target_test"])
+        learn.unfreeze()
+        learn.ff_stage = f"fit_one_cycle({epochs[1]}, lr_max=slice(1e-4, 1e-2))"
+        learn.fit_one_cycle(epochs[1], lr_max=slice(1e-4, 1e-2))
+        accs[f"after {learn.ff_stage}"] = accuracy(model, data["target_test"])
+    finally:
+        ff.close()
+    return accs
+
+
 def run_demo(*, out: str = "runs/demo", seed: int = 0, console=None, epochs=(3, 5), pretrain_epochs: int = 6,
-             report: bool = True) -> int:
+             report: bool = True, fastai: bool = False) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
@@ -193,10 +246,11 @@ def run_demo(*, out: str = "runs/demo", seed: int = 0, console=None, epochs=(3, 
     columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         model, cached = pretrained(seed, data, progress, epochs=pretrain_epochs)
-        accs = fine_tune(model, data, out, seed, epochs=epochs, progress=progress)
+        tune = fine_tune_fastai if fastai else fine_tune
+        accs = tune(model, data, out, seed, epochs=epochs, progress=progress)
     run = freezeframe.load(out)
     (Path(out) / "demo.json").write_text(json.dumps(
-        {"seed": seed, "epochs": list(epochs), "pretrain_epochs": pretrain_epochs, "accuracy": accs,
+        {"seed": seed, "fastai": fastai, "epochs": list(epochs), "pretrain_epochs": pretrain_epochs, "accuracy": accs,
          "pretrained_from_cache": cached}, indent=2))
     written = []
     if report:

@@ -193,8 +193,8 @@ def bn_trains_in_frozen_group(summary, view) -> list[dict]:
                     f"In stage {s['name']!r}, group {g['name']} is frozen but its {len(norm_train)} norm-layer "
                     f"tensor(s) still train ({_names(norm_train)})"
                     + (f": {reason}." if reason else ".")
-                    + " They adapt the normalisation to the new data while the other weights stay as pretrained "
-                    "(fastai's train_bn=True does this on purpose).",
+                    + " They adapt the normalisation to the new data while the other weights stay as pretrained"
+                    + ("." if reason else " (fastai's train_bn=True does this on purpose)."),
                     s["index"], norm_train))
     return out
 
