@@ -10,11 +10,23 @@ import torch
 Tensor = torch.Tensor
 
 
+def is_sharded(t: Tensor) -> bool:
+    """A DTensor (FSDP2 `fully_shard`, tensor parallel): each rank holds a shard of it."""
+    return callable(getattr(t, "full_tensor", None))
+
+
+def gathered(t: Tensor) -> Tensor:
+    """The whole tensor: a DTensor's shards gathered (a collective: every rank calls it, for the
+    same tensors in the same order); any other tensor as it is."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
 def content_hash(t: Tensor) -> str:
-    """blake2b-128 of dtype, shape and C-contiguous bytes: bitwise identity (NaN == NaN, -0 != +0)."""
+    """blake2b-128 of dtype, shape and C-contiguous bytes: bitwise identity (NaN == NaN, -0 != +0).
+    A DTensor is hashed whole (its shards gathered), so the hash equals a single process's."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}|".encode())
-    data = t.detach()
+    data = gathered(t.detach())
     if data.device.type != "cpu":
         data = data.cpu()
     data = data.contiguous().reshape(-1)
@@ -24,8 +36,9 @@ def content_hash(t: Tensor) -> str:
 
 
 def content_hashes(tensors: list[Tensor], *, threads: int = 2) -> list[str]:
-    """Hash many tensors; hashlib releases the GIL on large inputs, so a small pool helps."""
-    if len(tensors) < 8 or threads <= 1:
+    """Hash many tensors; hashlib releases the GIL on large inputs, so a small pool helps.
+    DTensors are gathered one after another on this thread (collectives in a fixed order)."""
+    if len(tensors) < 8 or threads <= 1 or any(is_sharded(t) for t in tensors):
         return [content_hash(t) for t in tensors]
     with ThreadPoolExecutor(max_workers=threads) as pool:
         return list(pool.map(content_hash, tensors))

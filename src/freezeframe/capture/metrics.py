@@ -7,7 +7,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from ..hashing import content_hash, content_hashes  # noqa: F401 - part of this module's API
+from ..hashing import content_hash, content_hashes, is_sharded  # noqa: F401 - part of this module's API
 
 Tensor = torch.Tensor
 
@@ -15,16 +15,22 @@ Tensor = torch.Tensor
 def norms(tensors: list[Tensor]) -> list[Tensor]:
     """L2 norm of each tensor, as 0-dim float32 tensors on each tensor's own device (no sync).
 
-    One fused `_foreach_norm` per (device, dtype) bucket; integer tensors are cast first."""
+    One fused `_foreach_norm` per (device, dtype) bucket; integer tensors are cast first.
+    DTensors (FSDP2) are bucketed by mesh and placements: their shards' partial norms are
+    combined across ranks in one all_reduce per bucket (a collective every rank enters), so
+    the norms equal a single process's."""
     out: list[Tensor | None] = [None] * len(tensors)
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, t in enumerate(tensors):
-        buckets[(t.device, t.dtype)].append(i)
-    for (device, dtype), idx in buckets.items():
+        mesh = (t.device_mesh, tuple(t.placements)) if is_sharded(t) else None
+        buckets[(t.device, t.dtype, mesh)].append(i)
+    for (device, dtype, mesh), idx in buckets.items():
         group = [tensors[i].detach() for i in idx]
         if not dtype.is_floating_point and not dtype.is_complex:
             group = [t.double() for t in group]
         res = torch._foreach_norm(group)
+        if mesh is not None:
+            res = torch.stack(res).full_tensor().unbind(0)  # the all_reduce
         for i, r in zip(idx, res):
             out[i] = r.float()
     return out  # type: ignore[return-value]
@@ -49,6 +55,8 @@ def snapshot(tensors: list[Tensor]) -> list[Tensor]:
     """A detached copy of each tensor on its own device (W_before on recorded steps)."""
     if not tensors:
         return []
+    if any(is_sharded(t) for t in tensors):  # DTensor has no sharding rule for _foreach_copy_
+        return [t.detach().clone() for t in tensors]
     copies = [torch.empty_like(t) for t in tensors]
     torch._foreach_copy_(copies, [t.detach() for t in tensors])
     return copies

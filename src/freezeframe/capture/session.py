@@ -11,7 +11,9 @@ import torch
 
 from .. import __version__
 from ..errors import FreezeFrameError
+from ..hashing import gathered
 from . import metrics
+from .dist import Dist
 
 
 @dataclass
@@ -44,7 +46,12 @@ def versions(extra: dict) -> dict:
 def load_or_create_reference(path: Path, names: list[str], tensors: list[torch.Tensor], existing: dict | None,
                               options: Options, *, save: bool = True) -> tuple[list, list]:
     """W_ref for each tensor (None where unknown) and ||W_ref||. A new run stores the model as
-    it is now in reference.safetensors; an appended run reads it back."""
+    it is now in reference.safetensors; an appended run reads it back.
+
+    DTensors (FSDP2): the stored reference is the gathered whole tensor; W_ref for drift is a
+    shard like the parameter's, so drift is measured shard by shard and combined like every
+    norm. Only rank 0 knows whether the run exists: all ranks agree on it first, so all take
+    the same collectives in the same order."""
     from safetensors.torch import load_file, save_file
 
     refs: list[torch.Tensor | None] = [None] * len(tensors)
@@ -52,21 +59,52 @@ def load_or_create_reference(path: Path, names: list[str], tensors: list[torch.T
     if not options.reference:
         return refs, [None] * len(tensors)
     device = options.reference_device
-    if existing is not None:
-        stored = load_file(str(ref_file)) if ref_file.exists() else {}
+    sharded = [metrics.is_sharded(t) for t in tensors]
+    appending = existing is not None
+    if any(sharded):
+        appending = Dist().agree_max([1.0 if appending else 0.0])[0] > 0
+    if appending:
+        stored = load_file(str(ref_file)) if existing is not None and ref_file.exists() else {}
         for i, (name, t) in enumerate(zip(names, tensors)):
             r = stored.get(name)
-            if r is not None and tuple(r.shape) == tuple(t.shape):
+            if r is not None and tuple(r.shape) == tuple(t.shape) and not sharded[i]:
                 refs[i] = r.to(device=device or t.device, dtype=t.dtype)
-        return refs, list(existing.get("ref_norms") or [None] * len(tensors))
-    with torch.no_grad():
-        cpu = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in zip(names, tensors)}
+        if any(sharded):
+            _distribute_stored(refs, names, tensors, sharded, stored)
+        return refs, list((existing or {}).get("ref_norms") or [None] * len(tensors))
+    with torch.no_grad():  # DTensors gathered whole, one after another on every rank
+        cpu = {name: gathered(t.detach()).to("cpu", copy=True).contiguous() for name, t in zip(names, tensors)}
     if save:
         save_file(cpu, str(ref_file))
     for i, (name, t) in enumerate(zip(names, tensors)):
         target = torch.device(device) if device else t.device
-        refs[i] = cpu[name] if target.type == "cpu" else t.detach().to(target, copy=True)
+        if sharded[i]:
+            refs[i] = t.detach().clone()
+        else:
+            refs[i] = cpu[name] if target.type == "cpu" else t.detach().to(target, copy=True)
     return refs, [float(x) for x in metrics.to_host(metrics.norms(list(cpu.values())))]
+
+
+def _distribute_stored(refs: list, names: list[str], tensors: list[torch.Tensor], sharded: list[bool],
+                       stored: dict) -> None:
+    """Rank 0's stored reference of each DTensor, scattered as shards like the parameter's (every
+    rank enters the same collectives: first which tensors rank 0 has, then one scatter each)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    idx = [i for i, s in enumerate(sharded) if s]
+
+    def usable(i):
+        r = stored.get(names[i])
+        return r is not None and tuple(r.shape) == tuple(tensors[i].shape)
+
+    have = Dist().agree_max([1.0 if usable(i) else 0.0 for i in idx])  # rank 0's (others hold none)
+    for i, h in zip(idx, have):
+        if h:
+            t = tensors[i]
+            mesh = t.device_mesh
+            src = stored[names[i]] if usable(i) else torch.empty(tuple(t.shape))
+            src = src.to(device=mesh.device_type, dtype=t.dtype)
+            refs[i] = distribute_tensor(src, mesh, t.placements, src_data_rank=0)
 
 
 def check_same_model(path: Path, stored: list | None, mine: list) -> None:

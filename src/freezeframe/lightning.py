@@ -1,0 +1,193 @@
+"""Lightning integration: `FreezeFrame`, a Callback that makes every `trainer.fit` a stage, with Lightning's facts as data."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+try:  # importing freezeframe.lightning imports Lightning; `import freezeframe` does not
+    from lightning.pytorch import Callback
+except ImportError:  # only the standalone `pytorch_lightning` package is installed
+    from pytorch_lightning import Callback
+
+from .capture.session import Options
+from .errors import FreezeFrameError
+from .store.writer import MODES
+
+__all__ = ["FreezeFrame"]
+
+
+def _event(fn):
+    """Run a hook; an internal error becomes one warning and recording stops (training goes on).
+    A FreezeFrameError (bad input: a run directory of another model) is raised."""
+    @functools.wraps(fn)
+    def hook(self, *args, **kwargs):
+        if self._failed:
+            return
+        try:
+            fn(self, *args, **kwargs)
+        except FreezeFrameError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            self._fail(fn.__name__, e)
+    return hook
+
+
+class FreezeFrame(Callback):
+    """Record what every optimizer step of a Lightning `Trainer` does to every parameter tensor.
+
+    `Trainer(callbacks=[FreezeFrame("runs/x")])`: each `trainer.fit` is a stage named "fit" (one
+    recording session per fit, appended to the same run); a change of the trainable set or of
+    the param groups inside a fit (`BackboneFinetuning` unfreezing the backbone) starts "fit
+    (part 2)". `trainer.validate/test/predict` record nothing. Resuming with `ckpt_path=`
+    continues the same run. Options are those of `freezeframe.watch` (`every`, `mode`,
+    `budget`, `reference`, ...); `mode` applies to this callback's first fit, later fits append.
+    """
+
+    def __init__(self, run_dir, *, every: int | None = None, mode: str = "append", **options):
+        super().__init__()
+        if mode not in MODES:
+            raise FreezeFrameError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+            raise FreezeFrameError(f"every must be a positive integer or None, got {every!r}")
+        Options.from_kwargs(options)  # an unknown option is refused now, not at the first fit
+        self.run_dir = Path(run_dir)
+        self.every = every
+        self.mode = mode
+        self.options = dict(options)
+        self._rec = None
+        self._sessions = 0
+        self._failed = False
+        self._steps_at_batch_start = 0
+
+    @property
+    def recorder(self):
+        """The Recorder of the fit in progress (None outside a fit)."""
+        return self._rec
+
+    def __repr__(self) -> str:
+        return f"FreezeFrame({str(self.run_dir)!r})"
+
+    # ------------------------------------------------------------------ hooks
+    # The recorder starts at on_train_start: after Lightning has built the optimizers, restored a
+    # checkpoint (weights, optimizer state, the epoch counter) and run the sanity check.
+    @_event
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._close()  # a fit whose teardown never reached us
+        from .capture.recorder import Recorder
+
+        options = {**self.options, "framework": "lightning",
+                   "framework_versions": {**self.options.get("framework_versions", {}),
+                                          **_versions(trainer)}}
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        if options.get("scaler") is None and isinstance(scaler, torch.amp.GradScaler):
+            options["scaler"] = scaler  # Lightning's "16-mixed": count the steps its scaler skips
+        mode = self.mode if self._sessions == 0 else "append"
+        # trainer.optimizers are the torch optimizers (Lightning's LightningOptimizer wraps them
+        # for the user; its step() calls theirs, where the recorder's step hooks fire, closure
+        # included: Lightning runs forward and backward inside optimizer.step).
+        self._rec = Recorder(pl_module, list(trainer.optimizers), self.run_dir, every=self.every, mode=mode,
+                             **options)
+        self._sessions += 1
+        self._rec.begin_stage("fit", epochs=_planned_epochs(trainer), meta=_fit_facts(trainer))
+        self._rec.set_counting(True)
+
+    @_event
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._rec is not None:
+            self._steps_at_batch_start = self._rec.steps
+            # training_step may call submodules only (no forward hook of the LightningModule):
+            # tensors unfrozen since (BackboneFinetuning) get their gradient hooks now
+            self._rec.prepare_batch()
+
+    @_event
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        rec = self._rec
+        if rec is None or rec.steps == self._steps_at_batch_start:
+            return  # no step applied in this batch (gradient accumulation, a skipped step)
+        loss = _loss(outputs)
+        if loss is not None:
+            if pl_module.automatic_optimization:
+                # Lightning divides the loss it hands here by accumulate_grad_batches
+                loss = loss * trainer.accumulate_grad_batches
+            rec.log(loss=loss)  # a sync point on an accelerator, as Lightning's own logging of the loss
+
+    @_event
+    def teardown(self, trainer, pl_module, stage) -> None:
+        # After every on_fit_end (callbacks' and the LightningModule's): the model as fit returns it.
+        if getattr(stage, "value", stage) == "fit" and self._rec is not None:
+            self._rec.end_stage()
+            self._close()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        """A fit ended by an exception (or Ctrl-C): keep what was recorded, marked incomplete."""
+        self._close(complete=False)
+
+    # ------------------------------------------------------------------ internals
+    def _close(self, complete: bool = True) -> None:
+        rec, self._rec = self._rec, None
+        if rec is not None:
+            rec.close(complete=complete)  # the recorder turns its own errors into a warning
+
+    def _fail(self, where: str, exc: BaseException) -> None:
+        self._failed = True
+        warnings.warn(f"freezeframe stopped recording {str(self.run_dir)!r} after an internal error in the Lightning "
+                      f"callback ({where}): {type(exc).__name__}: {exc}. Training is not affected; steps recorded "
+                      "so far are kept.", RuntimeWarning, stacklevel=3)
+        try:
+            self._close(complete=False)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _versions(trainer) -> dict:
+    """The version of the package whose Trainer runs the fit (`lightning` or `pytorch_lightning`:
+    the callback works with both, Lightning calls its hooks by name)."""
+    package = type(trainer).__module__.split(".")[0]
+    return {package: getattr(sys.modules.get(package), "__version__", None)}
+
+
+def _loss(outputs) -> torch.Tensor | float | None:
+    """The loss of a training step as Lightning hands it to on_train_batch_end: a tensor, or the
+    "loss" of a dict (None when training_step returned neither)."""
+    if isinstance(outputs, dict):
+        outputs = outputs.get("loss")
+    if isinstance(outputs, torch.Tensor) and outputs.numel() == 1:
+        return outputs.detach()
+    return None
+
+
+def _planned_epochs(trainer) -> int | None:
+    """The epochs this fit will run when only max_epochs bounds it (after a resume: the rest)."""
+    max_epochs = trainer.max_epochs
+    if max_epochs is None or max_epochs < 0 or trainer.max_steps not in (None, -1):
+        return None
+    if any(type(cb).__name__ == "Timer" for cb in trainer.callbacks):  # max_time= may end it sooner
+        return None
+    return max(int(max_epochs) - int(trainer.current_epoch), 0)
+
+
+def _fit_facts(trainer) -> dict:
+    """Lightning's facts about the fit, as JSON-able data."""
+    facts = {"method": "fit", "max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps,
+             "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
+             "precision": str(trainer.precision), "strategy": type(trainer.strategy).__name__,
+             "world_size": int(trainer.world_size), "start_epoch": int(trainer.current_epoch)}
+    if trainer.ckpt_path is not None:
+        facts["resumed_from"] = str(trainer.ckpt_path)
+    finetuning = []
+    for cb in trainer.callbacks:
+        if hasattr(cb, "unfreeze_and_add_param_group"):  # BaseFinetuning and its subclasses
+            fact = {"callback": type(cb).__name__}
+            for key in ("unfreeze_backbone_at_epoch", "train_bn", "backbone_initial_ratio_lr", "initial_denom_lr"):
+                v = getattr(cb, key, None)
+                if isinstance(v, (bool, int, float)):
+                    fact[key] = v
+            finetuning.append(fact)
+    if finetuning:
+        facts["finetuning"] = finetuning
+    return facts
