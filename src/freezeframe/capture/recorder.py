@@ -95,10 +95,20 @@ class Recorder:
             self._init_state()
             self._install_hooks()
             self._flush()
-        except BaseException:
+        except FreezeFrameError:
             self._remove_hooks()
             self._unlock()
             raise
+        except Exception as e:  # noqa: BLE001 - an internal error must not stop the user's training
+            self._remove_hooks()
+            self._unlock()
+            if getattr(self, "_finalizer", None) is not None:
+                self._finalizer()  # stops the writer thread if it was started
+            self._dead = self._closed = True
+            self._error = f"start: {type(e).__name__}: {e}"
+            warnings.warn(f"freezeframe could not start recording {str(self.path)!r}: {type(e).__name__}: {e}. "
+                          "Training is not affected; nothing is recorded.", RuntimeWarning, stacklevel=3)
+            log.debug("freezeframe internal error", exc_info=e)
 
     # ------------------------------------------------------------------ set-up
     def _adopt(self, manifest: dict) -> None:

@@ -72,8 +72,9 @@ def prepare_run_dir(run_dir: str | os.PathLike, mode: str) -> tuple[Path, dict |
         for name in (layout.MANIFEST, layout.REFERENCE):
             (path / name).unlink(missing_ok=True)
         existing = None
+    ours = {layout.LOCK, layout.REFERENCE, *layout.TABLES}  # a run that never got its manifest
     if existing is None and path.exists() and any(
-            p.name not in (layout.LOCK,) for p in path.iterdir()):
+            p.name not in ours and not p.name.startswith(".") for p in path.iterdir()):
         raise FreezeFrameError(f"{str(path)!r} is not empty and holds no freezeframe run: "
                                "choose a new or empty directory")
     path.mkdir(parents=True, exist_ok=True)
