@@ -33,6 +33,41 @@ class Dist:
         return t.cpu().tolist()
 
 
+def agree_on_every(dist: Dist, sampler, *, failed: bool) -> None:
+    """Rank 0's `every` for all ranks, and whether any rank's recorder failed: one all_reduce that
+    every rank enters, a failed one too, so none is left waiting. Raises on the healthy ranks
+    when another failed: all ranks stop recording together."""
+    mine = sampler.every if (dist.writes and not failed) else 0
+    every, any_failed = dist.agree_max([float(mine or 0), 1.0 if failed else 0.0])
+    if failed:
+        return
+    if any_failed:
+        raise RuntimeError("another rank's recorder failed; all ranks stop recording together")
+    sampler.impose(int(every))
+
+
+def join_agreement_when_due(dist: Dist, sampler, hookables: list, first_step_seen: bool) -> None:
+    """After a recorder failed under torch.distributed: still enter the one scheduled collective
+    (the calibration agreement) with the failure flag, counting steps as the sampler does."""
+    handles = []
+    seen = [first_step_seen]
+
+    def pre_step(*_):
+        if not seen[0]:  # this rank's first step: not counted by the sampler either
+            seen[0] = True
+            return
+        if sampler.observe(None):
+            for h in handles:
+                h.remove()
+            try:
+                agree_on_every(dist, sampler, failed=True)
+            except Exception:  # noqa: BLE001 - the process group itself is gone
+                pass
+
+    for opt in hookables:
+        handles.append(opt.register_step_pre_hook(pre_step))
+
+
 class NullWriter:
     """What ranks other than 0 write: nothing (rank 0 writes the run for the whole job)."""
 

@@ -23,13 +23,15 @@ from ..store import writer as store
 from . import metrics
 from .boundaries import BoundaryTracker
 from .columns import Columns
-from .dist import Dist, NullWriter
+from .dist import Dist, NullWriter, agree_on_every, join_agreement_when_due
 from .scaler import ScalerWatch
 from .session import Options, check_same_model, load_or_create_reference, versions
-from .modelmap import build_model_map, normalise_name, unwrap
+from .modelmap import build_model_map
 from .optim import OptimizerView, as_view, build_layout, unwrap_optimizer
 from .sampling import Sampler
-from .stages import StageRecord, judge_continuity, previous_for_continuity
+from .stagebook import StageBook
+from .structure import follow_replaced
+from .stages import StageRecord
 
 log = logging.getLogger("freezeframe")
 
@@ -129,10 +131,6 @@ class Recorder:
         P = self._P
         self._layout = build_layout(self._views, self._index_of, P)
         self._count_idx = [np.union1d(m, self._layout.orphans) for m in self._layout.members]
-        self._stage: StageRecord | None = None
-        self._stage_layout = None
-        self._explicit: dict | None = None      # the explicit stage we are inside: name, kind, parts
-        self._force_new = False
         self._grad_flags = np.zeros(P, dtype=np.uint8)
         self._hooked = np.zeros(P, dtype=bool)
         self._pending_train_fwd = 0
@@ -145,10 +143,12 @@ class Recorder:
         self._last_flush = time.monotonic()
         self._count_forwards = True
         self._structure_checked = time.perf_counter()
-        self._skips_known = self.options.skips_known or self.options.scaler is not None
-        self._skips_before_stage = 0
         self._warned: set[str] = set()
         self._bounds = BoundaryTracker(self._params, self._buffers, self.options.hash_threads)
+        self._book = StageBook(stages=self._stages, session=self.session, names=self._names, params=self._params,
+                               buffers=self._buffers, bounds=self._bounds, views=self._views, refs=self._ref,
+                               skips_known=self.options.skips_known or self.options.scaler is not None,
+                               hash_threads=self.options.hash_threads)
 
     def _install_hooks(self) -> None:
         for j, view in enumerate(self._views):
@@ -194,7 +194,8 @@ class Recorder:
         self._dead = True
         self._remove_hooks()
         if self._dist.on and self.sampler.calibrating and not self._closed:
-            self._join_agreement_when_due()
+            join_agreement_when_due(self._dist, self.sampler, [v.hookable for v in self._views if v.hookable],
+                                    self._last_pre_t is not None)
         warnings.warn(f"freezeframe stopped recording {str(self.path)!r} after an internal error in {where}: "
                       f"{type(exc).__name__}: {exc}. Training is not affected; steps recorded so far are kept.",
                       RuntimeWarning, stacklevel=3)
@@ -207,27 +208,6 @@ class Recorder:
             pass
         self._unlock()
         self._closed = True
-
-    def _join_agreement_when_due(self) -> None:
-        """A failed recorder under torch.distributed still enters the one scheduled collective
-        (the calibration agreement) with its failure flag, so no rank waits for it forever."""
-        handles = []
-
-        def pre_step(*_):
-            if self._last_pre_t is None:  # this rank's first step: not counted by the sampler either
-                self._last_pre_t = time.perf_counter()
-                return
-            if self.sampler.observe(None):
-                for h in handles:
-                    h.remove()
-                try:
-                    self._agree_every(failed=True)
-                except Exception:  # noqa: BLE001 - the process group itself is gone
-                    pass
-
-        for view in self._views:
-            if view.hookable is not None:
-                handles.append(view.hookable.register_step_pre_hook(pre_step))
 
     def _guard(self, where: str, fn, *args):
         if self._dead:
@@ -270,8 +250,8 @@ class Recorder:
         if module.training:
             if self._count_forwards:
                 self._pending_train_fwd += 1
-        elif self._count_forwards and self._stage is not None:
-            self._stage.forward_passes["eval"] += 1
+        elif self._count_forwards and self._book.current is not None:
+            self._book.current.forward_passes["eval"] += 1
 
     def _forward_post(self) -> None:
         self._bounds.after_forward()
@@ -290,7 +270,7 @@ class Recorder:
                 sample = (max(training, 1e-9), self._last_rec_s, max(self._own_s - self._last_rec_s, 0.0))
             self._calibrated = self.sampler.observe(sample)  # the same step on every rank
             if self._calibrated:
-                self._agree_every(failed=False)
+                self._agree_every()
         self._last_pre_t, self._own_s, self._last_rec_s = t_start, 0.0, None
         self._fwd_t0, self._own_before_fwd = None, 0.0
         if t_start - self._structure_checked > STRUCTURE_CHECK_S:
@@ -305,19 +285,10 @@ class Recorder:
             # Unfrozen without a forward of the root module since (Lightning's training_step may
             # call submodules only): hooked now, before a closure's backward inside step() runs.
             self._hook_new_trainable()
-        st = self._stage
-        began = (st is None or self._force_new or st.trainable != trainable
-                 or (self._layout is not self._stage_layout and st.groups != self._layout.groups))
-        if began:
-            self._begin_stage(trainable)
-        self._stage_layout = self._layout
+        began = self._book.starts_new(trainable, self._layout)
+        stage = self._book.begin(trainable, self._layout, self._step) if began else self._book.current
         hypers = [h for v in self._views for h in v.hypers()]
-        stage = self._stage
-        for g, (_, _, _, nominal) in enumerate(hypers):
-            if nominal is not None:
-                stage.lr_nominal[g] = nominal
-        if any(h[3] is not None for h in hypers):
-            stage.lr_nominal_floor = [f for v in self._views for f in v.nominal_floors()]
+        self._book.note_hypers(hypers)
         recorded = self.sampler.is_recorded(self._step - stage.first_step)
         pending = {"j": j, "recorded": recorded, "hypers": hypers, "rec_s": 0.0, "began": began}
         if recorded:
@@ -330,32 +301,15 @@ class Recorder:
         self._pending = pending
 
     def _check_structure(self) -> None:
-        """Follow parameters replaced under the same name (a new head: `model.fc = nn.Linear(...)`).
-        Parameters that appear under new names or disappear are reported once, not recorded."""
+        """Follow parameters replaced under the same name; report new or vanished names once."""
         self._structure_checked = time.perf_counter()
-        current = {normalise_name(n): p for n, p in unwrap(self.model).named_parameters()}
-        rebound = []
-        for i, info in enumerate(self.map.params):
-            p = current.get(info.name)
-            if p is None or p is self._params[i]:
-                continue
-            del self._index_of[id(self._params[i])]
-            self._params[i] = p
-            self._index_of[id(p)] = i
-            self._hooked[i] = False
-            if list(p.shape) != info.shape or str(p.dtype).removeprefix("torch.") != info.dtype:
-                info.shape, info.numel, info.dtype = list(p.shape), p.numel(), str(p.dtype).removeprefix("torch.")
-                # no reference for a tensor of another shape: drift counts from its first value
-                self._ref[i] = p.detach().clone() if self.options.reference else None
-                self._ref_norms[i] = float(p.detach().double().norm()) if self.options.reference else None
-            rebound.append(info.name)
+        rebound, new, gone = follow_replaced(self.model, self.map, self._params, self._index_of, self._ref,
+                                             self._ref_norms, self.options.reference)
         if rebound:
-            log.info("freezeframe: following replaced parameters %s", ", ".join(rebound))
+            log.info("freezeframe: following replaced parameters %s", ", ".join(self._names[i] for i in rebound))
+            self._hooked[rebound] = False
             self._layout = build_layout(self._views, self._index_of, self._P)
             self._count_idx = [np.union1d(m, self._layout.orphans) for m in self._layout.members]
-        known = {n for info in self.map.params for n in [info.name, *info.aliases]}
-        new = sorted(set(current) - known)
-        gone = sorted(known - set(current))
         if (new or gone) and "structure" not in self._warned:
             self._warned.add("structure")
             warnings.warn(
@@ -364,56 +318,16 @@ class Recorder:
                 + (f"; gone: {', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''} (their record ends)" if gone else "")
                 + ". To record a different model, start a new run.", RuntimeWarning, stacklevel=4)
 
-    def _agree_every(self, *, failed: bool) -> None:
-        """Rank 0's `every` for all ranks, and whether any rank's recorder failed (one all_reduce
-        that every rank enters, a failed one too, so none is left waiting)."""
-        mine = self.sampler.every if (self._dist.writes and not failed) else 0
-        every, any_failed = self._dist.agree_max([float(mine or 0), 1.0 if failed else 0.0])
-        if failed:
-            return
-        if any_failed:
-            raise RuntimeError("another rank's recorder failed; all ranks stop recording together")
-        self.sampler.impose(int(every))
+    def _agree_every(self) -> None:
+        agree_on_every(self._dist, self.sampler, failed=False)
         self._sessions[self.session]["every"] = self.sampler.every
         self._sessions[self.session]["calibration"] = self.sampler.measured
-
-    def _begin_stage(self, trainable: list[int]) -> None:
-        P = self._P
-        now_p = metrics.content_hashes(self._params, threads=self.options.hash_threads)
-        prev = self._stage
-        if prev is not None and not self._bounds.end_known:
-            # An automatic boundary, found only now: the previous stage's end is proved by
-            # version counters; buffers come from the copy taken at its last step.
-            end, written = self._bounds.discovered_end(now_p)
-            self._close_stage(prev, end, "versions", self._params + self._bounds.buffer_copies, skip=written)
-        start = self._bounds.start(now_p)
-        ex = self._explicit
-        if ex is not None:
-            ex["parts"] += 1
-            name = ex["name"] if ex["parts"] == 1 else f"{ex['name']} (part {ex['parts']})"
-            kind, explicit, meta, epochs = ex["kind"], True, dict(ex.get("meta") or {}), ex.get("epochs")
-        else:
-            name, kind, explicit, meta, epochs = f"stage {len(self._stages)}", "train", False, {}, None
-        stage = StageRecord(
-            index=len(self._stages), name=name, kind=kind, explicit=explicit, session=self.session,
-            first_step=self._step, trainable=trainable,
-            groups=[dict(g, params=list(g["params"])) for g in self._layout.groups],
-            start_hashes=start, grad_steps=np.zeros(P, dtype=np.int64),
-            lr_nominal=[None] * len(self._layout.groups), meta=meta, epochs=epochs,
-            optimizer_state_start=[v.state_count() for v in self._views],
-            skipped_steps=self._skips_before_stage if self._skips_known else None,
-        )
-        self._skips_before_stage = 0
-        judge_continuity(stage, previous_for_continuity(self._stages), self._names)
-        self._stages.append(stage)
-        self._stage = stage
-        self._force_new = False
 
     def _post_step(self, j: int) -> None:
         pending, self._pending = self._pending, None
         if pending is None or pending["j"] != j:
             return  # the pre-hook did not run for this step (recorder attached mid-step)
-        stage = self._stage
+        stage = self._book.current
         step = self._step
         rec_s = pending["rec_s"]
         idx = self._count_idx[j]
@@ -456,22 +370,10 @@ class Recorder:
             self._cols.add_tensors(step, np.arange(P, P + self._B, dtype=np.int32), *bcols)
 
     # ------------------------------------------------------------------ boundaries
-    def _close_stage(self, stage: StageRecord, end_hashes: list, kind: str, tensors: list, skip=None) -> None:
-        """Store a stage's end: hashes, and its exact norms and drift (params flagged in `skip`
-        were written after the stage's last step: their end state is unknown)."""
-        stage.end_hashes = end_hashes
-        stage.end_kind = kind
-        stage.end_metrics = metrics.state_metrics(tensors, self._ref, skip)
-        stage.optimizer_state_end = [v.state_count() for v in self._views]
-        stage.complete = True
-
     def _capture_end(self) -> None:
         """A known stage end (explicit stage exit, framework boundary, close): hash everything."""
-        if self._bounds.end_known or self._stage is None:
-            return
-        hashes = self._bounds.known_end()
-        self._close_stage(self._stage, hashes, "hashed", self._params + self._buffers)
-        self._flush()
+        if self._book.capture_end():
+            self._flush()
 
     # ------------------------------------------------------------------ the store
     def _manifest(self, complete: bool) -> dict:
@@ -522,18 +424,13 @@ class Recorder:
     def _begin_explicit(self, name, kind, meta, epochs=None) -> None:
         self._capture_end()  # the previous stage's end, before looking for replaced parameters
         self._check_structure()
-        self._explicit = {"name": name, "kind": kind, "parts": 0, "meta": meta, "epochs": epochs}
-        self._force_new = True
+        self._book.begin_explicit(name, kind, meta, epochs)
 
     def _end_explicit(self, observed: bool = True) -> None:
-        if self._stage is not None and self._pending_train_fwd:
-            # training passes after the stage's last step (a cancelled last step) are this stage's
-            self._stage.forward_passes["train"] += self._pending_train_fwd
-            self._pending_train_fwd = 0
+        self._book.end_explicit(self._pending_train_fwd)
+        self._pending_train_fwd = 0
         if observed:
             self._capture_end()
-        self._explicit = None
-        self._force_new = True
 
     def track(self, optimizer) -> None:
         """Follow an optimizer created after watching began (e.g. rebuilt after unfreezing)."""
@@ -553,7 +450,7 @@ class Recorder:
 
     def log(self, **scalars) -> None:
         """Attach scalars (e.g. loss=...) to the most recent applied step."""
-        if self._dead or self._closed or self._stage is None:
+        if self._dead or self._closed or self._book.current is None:
             return  # nothing applied yet in this session: there is no step to attach to
         self._guard("log()", self._log, scalars)
 
@@ -580,10 +477,7 @@ class Recorder:
         self._pending = None
         idx = self._count_idx[j]
         self._grad_flags[idx] = 0  # those gradients were never applied
-        if self._stage is not None and not self._force_new:
-            self._stage.skipped_steps = (self._stage.skipped_steps or 0) + 1
-        else:  # before the first applied step of the stage about to begin: it is that stage's
-            self._skips_before_stage += 1
+        self._book.skip()
 
     def prepare_batch(self) -> None:
         """Hook tensors unfrozen since the last forward of the watched module (integrations call

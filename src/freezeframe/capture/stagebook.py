@@ -1,0 +1,116 @@
+"""The stages of a run as the recorder finds them: when one begins and how it is named, where it
+ends (hashed at a known end, or proved by version counters at a boundary found later), its
+skipped steps, and its continuity with the previous stage."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import metrics
+from .boundaries import BoundaryTracker
+from .optim import GroupLayout, OptimizerView
+from .stages import StageRecord, judge_continuity, previous_for_continuity
+
+
+class StageBook:
+    def __init__(self, *, stages: list[StageRecord], session: int, names: list[str], params: list, buffers: list,
+                 bounds: BoundaryTracker, views: list[OptimizerView], refs: list, skips_known: bool,
+                 hash_threads: int):
+        self.stages = stages              # every stage of the run, earlier sessions' included
+        self.current: StageRecord | None = None
+        self.explicit: dict | None = None  # the explicit stage we are inside: name, kind, parts, meta, epochs
+        self.force_new = False            # the next applied step begins a stage whatever it trains
+        self.session, self.names = session, names
+        self.params, self.buffers = params, buffers
+        self.bounds, self.views, self.refs = bounds, views, refs
+        self.skips_known = skips_known
+        self.hash_threads = hash_threads
+        self._skips_before = 0            # skipped before the first applied step of the next stage
+        self._layout_seen: GroupLayout | None = None
+
+    # ------------------------------------------------------------------ automatic boundaries
+    def starts_new(self, trainable: list[int], layout: GroupLayout) -> bool:
+        """A stage is a maximal run of steps with the same trainable set and group membership."""
+        st = self.current
+        new = (st is None or self.force_new or st.trainable != trainable
+               or (layout is not self._layout_seen and st.groups != layout.groups))
+        self._layout_seen = layout
+        return new
+
+    def begin(self, trainable: list[int], layout: GroupLayout, step: int) -> StageRecord:
+        """The first applied step of a new stage is about to run: hash its start, close the
+        previous stage if its end was not known yet, and judge continuity."""
+        now_p = metrics.content_hashes(self.params, threads=self.hash_threads)
+        prev = self.current
+        if prev is not None and not self.bounds.end_known:
+            # An automatic boundary, found only now: the previous stage's end is proved by
+            # version counters; buffers come from the copy taken at its last step.
+            end, written = self.bounds.discovered_end(now_p)
+            self.close(prev, end, "versions", self.params + self.bounds.buffer_copies, skip=written)
+        ex = self.explicit
+        if ex is not None:
+            ex["parts"] += 1
+            name = ex["name"] if ex["parts"] == 1 else f"{ex['name']} (part {ex['parts']})"
+            kind, explicit, meta, epochs = ex["kind"], True, dict(ex.get("meta") or {}), ex.get("epochs")
+        else:
+            name, kind, explicit, meta, epochs = f"stage {len(self.stages)}", "train", False, {}, None
+        stage = StageRecord(
+            index=len(self.stages), name=name, kind=kind, explicit=explicit, session=self.session,
+            first_step=step, trainable=trainable,
+            groups=[dict(g, params=list(g["params"])) for g in layout.groups],
+            start_hashes=self.bounds.start(now_p), grad_steps=np.zeros(len(self.params), dtype=np.int64),
+            lr_nominal=[None] * len(layout.groups), meta=meta, epochs=epochs,
+            optimizer_state_start=[v.state_count() for v in self.views],
+            skipped_steps=self._skips_before if self.skips_known else None,
+        )
+        self._skips_before = 0
+        judge_continuity(stage, previous_for_continuity(self.stages), self.names)
+        self.stages.append(stage)
+        self.current = stage
+        self.force_new = False
+        return stage
+
+    def note_hypers(self, hypers: list[tuple]) -> None:
+        """The peak the schedule states, per group (and its floor, where it may be stale)."""
+        stage = self.current
+        for g, (_, _, _, nominal) in enumerate(hypers):
+            if nominal is not None:
+                stage.lr_nominal[g] = nominal
+        if any(h[3] is not None for h in hypers):
+            stage.lr_nominal_floor = [f for v in self.views for f in v.nominal_floors()]
+
+    def skip(self) -> None:
+        if self.current is not None and not self.force_new:
+            self.current.skipped_steps = (self.current.skipped_steps or 0) + 1
+        else:  # before the first applied step of the stage about to begin: it is that stage's
+            self._skips_before += 1
+
+    # ------------------------------------------------------------------ ends
+    def close(self, stage: StageRecord, end_hashes: list, kind: str, tensors: list, skip=None) -> None:
+        """Store a stage's end: hashes, and its exact norms and drift (params flagged in `skip`
+        were written after the stage's last step: their end state is unknown)."""
+        stage.end_hashes = end_hashes
+        stage.end_kind = kind
+        stage.end_metrics = metrics.state_metrics(tensors, self.refs, skip)
+        stage.optimizer_state_end = [v.state_count() for v in self.views]
+        stage.complete = True
+
+    def capture_end(self) -> bool:
+        """A known stage end (explicit stage exit, framework boundary, close): hash everything.
+        Returns whether a stage was closed (then the caller flushes)."""
+        if self.bounds.end_known or self.current is None:
+            return False
+        self.close(self.current, self.bounds.known_end(), "hashed", self.params + self.buffers)
+        return True
+
+    # ------------------------------------------------------------------ explicit stages
+    def begin_explicit(self, name: str, kind: str, meta: dict | None, epochs: int | None) -> None:
+        self.explicit = {"name": name, "kind": kind, "parts": 0, "meta": meta, "epochs": epochs}
+        self.force_new = True
+
+    def end_explicit(self, pending_train_forwards: int) -> None:
+        if self.current is not None and pending_train_forwards:
+            # training passes after the stage's last step (a cancelled last step) are this stage's
+            self.current.forward_passes["train"] += pending_train_forwards
+        self.explicit = None
+        self.force_new = True
