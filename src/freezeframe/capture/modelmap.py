@@ -153,6 +153,10 @@ def build_model_map(model: nn.Module) -> ModelMap:
             continue
         seen_buf.add(id(b))
         name = normalise_name(bname)
+        if b.device.type == "meta":
+            raise FreezeFrameError(
+                f"buffer {name!r} is on the 'meta' device (no data): materialise the model "
+                "(e.g. model.to_empty(device=...) and load its weights) before watching it")
         mname, _, _ = name.rpartition(".")
         mod = module_of.get(mname, root)
         buffers.append(BufferInfo(name=name, module=mname, module_type=type(mod).__name__,

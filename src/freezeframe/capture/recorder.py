@@ -89,11 +89,11 @@ class Recorder:
             })
             self._cols = Columns(self._P)
             self._writer = (store.RunWriter(self.path, self.session, pull=self._cols.take,
-                                            interval=self.options.flush_seconds)
+                                            interval=self.options.flush_seconds, lock=self._lock)
                             if self._dist.writes else NullWriter())
             # A recorder dropped without close(): its writer thread stops (never relied on to
             # remove hooks: those are weak, and close() removes them).
-            self._finalizer = weakref.finalize(self, self._writer.close, False)
+            self._finalizer = weakref.finalize(self, _abandon, self._writer, self._lock)
             self._init_state()
             self._install_hooks()
             self._flush()
@@ -171,7 +171,7 @@ class Recorder:
             p = self._params[i]
             if p.requires_grad:
                 self._handles.append(p.register_post_accumulate_grad_hook(
-                    functools.partial(_flag_grad, self._grad_flags, int(i))))
+                    functools.partial(_weak(self._hook_grad), int(i))))
                 self._hooked[i] = True
 
     def _unlock(self) -> None:
@@ -203,8 +203,11 @@ class Recorder:
         self._error = f"{where}: {type(exc).__name__}: {exc}"
         try:
             self._flush(complete=False)
-            self._writer.close(compact=False)
         except BaseException:  # noqa: BLE001 - the disk may be the fault
+            pass
+        try:
+            self._writer.close(compact=False)
+        except BaseException:  # noqa: BLE001
             pass
         self._unlock()
         self._closed = True
@@ -233,6 +236,12 @@ class Recorder:
         j = next((k for k, v in enumerate(self._views) if v.hookable is opt), None)
         if j is not None:
             self._guard("the scaler's skipped step", self._skip_step, j)
+
+    def _hook_grad(self, i: int, param) -> None:
+        try:
+            self._grad_flags[i] = 1  # a gradient was accumulated into tensor i during this step
+        except Exception as e:  # noqa: BLE001 - runs inside the user's backward: never raise there
+            self._fail("the gradient hook", e)
 
     def _hook_forward_pre(self, module, args):
         self._guard("the forward pre-hook", self._forward_pre, module, torch.is_grad_enabled())
@@ -287,6 +296,8 @@ class Recorder:
             self._hook_new_trainable()
         began = self._book.starts_new(trainable, self._layout)
         stage = self._book.begin(trainable, self._layout, self._step) if began else self._book.current
+        if began:
+            self._flush()  # the new stage's name and facts reach the disk with its first rows
         hypers = [h for v in self._views for h in v.hypers()]
         self._book.note_hypers(hypers)
         recorded = self.sampler.is_recorded(self._step - stage.first_step)
@@ -440,6 +451,8 @@ class Recorder:
         if view.hookable is not None and any(v.hookable is view.hookable for v in self._views):
             return  # already followed
         self._guard("track()", self._check_structure)
+        if self._dead:
+            return
         j = len(self._views)
         self._views.append(view)
         if view.hookable is not None:
@@ -550,8 +563,11 @@ def _weak(method):
     return hook
 
 
-def _flag_grad(flags: np.ndarray, i: int, param) -> None:
-    flags[i] = 1  # a gradient was accumulated into tensor i during this step
+def _abandon(writer, lock) -> None:
+    """What a recorder dropped without close() leaves behind: its writer thread stops, its lock goes."""
+    writer.close(False)
+    if lock is not None:
+        lock.unlink(missing_ok=True)
 
 
 def _finite(x) -> float | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import statistics
 
+from ..errors import FreezeFrameError
+
 
 class Sampler:
     """`every=N` records metrics on every N-th step of a stage (the first step always).
@@ -15,9 +17,9 @@ class Sampler:
     def __init__(self, every: int | None, budget: float, *, calibration_steps: int = 8, warmup: int = 2,
                  max_every: int = 10_000):
         if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
-            raise ValueError(f"every must be a positive integer or None, got {every!r}")
+            raise FreezeFrameError(f"every must be a positive integer or None, got {every!r}")
         if not 0 < budget < 1:
-            raise ValueError(f"overhead budget must be a fraction between 0 and 1, got {budget!r}")
+            raise FreezeFrameError(f"option budget={budget!r}: expected a fraction between 0 and 1")
         self.every = every
         self.budget = budget
         self.calibration_steps = calibration_steps

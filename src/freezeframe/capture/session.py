@@ -36,7 +36,38 @@ class Options:
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise FreezeFrameError(f"unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(known))}")
-        return cls(**kwargs)
+        opts = cls(**kwargs)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        """Bad values are refused before anything is written, naming the option."""
+        def bad(name, want):
+            value = getattr(self, name)
+            raise FreezeFrameError(f"option {name}={value!r} ({type(value).__name__}): expected {want}")
+
+        def number(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+        if not number(self.budget) or not 0 < self.budget < 1:
+            bad("budget", "a fraction between 0 and 1 (e.g. 0.03)")
+        if not number(self.flush_seconds) or self.flush_seconds < 0:
+            bad("flush_seconds", "a number of seconds >= 0")
+        if not isinstance(self.hash_threads, int) or isinstance(self.hash_threads, bool) or self.hash_threads < 1:
+            bad("hash_threads", "a positive integer")
+        if not isinstance(self.reference, bool):
+            bad("reference", "True or False")
+        if self.reference_device is not None:
+            try:
+                torch.device(self.reference_device)
+            except (RuntimeError, TypeError):
+                bad("reference_device", "a torch device such as 'cpu' or 'cuda:0'")
+        if self.scaler is not None and not all(callable(getattr(self.scaler, a, None)) for a in ("step", "update", "scale")):
+            bad("scaler", "a torch.amp.GradScaler")
+        if not isinstance(self.framework, str):
+            bad("framework", "a string")
+        if not isinstance(self.framework_versions, dict):
+            bad("framework_versions", "a dict")
 
 
 def versions(extra: dict) -> dict:

@@ -71,7 +71,34 @@ def _read_table(folder: Path, schema: pa.Schema, warnings: list[str]) -> pa.Tabl
     return pa.concat_tables(tables)
 
 
+def _check_manifest(mpath: Path, m: dict) -> None:
+    """The keys every reader relies on, with their types: a damaged manifest is named, not a KeyError."""
+    model = m.get("model")
+    problems = []
+    if not isinstance(model, dict):
+        problems.append("model")
+    else:
+        for key in ("params", "buffers", "modules"):
+            if not isinstance(model.get(key), list):
+                problems.append(f"model.{key}")
+        for i, p in enumerate(model.get("params") or []):
+            if not isinstance(p, dict) or not {"name", "numel", "shape", "module"} <= set(p):
+                problems.append(f"model.params[{i}]")
+                break
+    for key in ("stages", "sessions"):
+        if not isinstance(m.get(key, []), list):
+            problems.append(key)
+    for i, s in enumerate(m.get("stages") or []):
+        if not isinstance(s, dict) or "index" not in s or "name" not in s:
+            problems.append(f"stages[{i}]")
+            break
+    if problems:
+        raise RunError(f"{mpath} is damaged: missing or malformed {', '.join(problems)}")
+
+
 def read_run(run_dir) -> StoredRun:
+    if not isinstance(run_dir, (str, Path)) and not hasattr(run_dir, "__fspath__"):
+        raise RunError(f"a run directory must be a path, got {type(run_dir).__name__}")
     path = Path(run_dir)
     if not path.exists():
         raise RunError(f"{str(path)!r} does not exist")
@@ -84,6 +111,8 @@ def read_run(run_dir) -> StoredRun:
         text = mpath.read_text()
     except OSError as e:
         raise RunError(f"{mpath}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise RunError(f"{mpath} is not text: the file is damaged") from None
     if not text.strip():
         raise RunError(f"{mpath} is empty: the run was never written (or its disk filled up)")
     try:
@@ -96,6 +125,7 @@ def read_run(run_dir) -> StoredRun:
     if not isinstance(version, int) or version > layout.SCHEMA_VERSION:
         raise RunError(f"{str(path)!r} was written with run schema version {version}, newer than this "
                        f"freezeframe understands ({layout.SCHEMA_VERSION}): upgrade freezeframe")
+    _check_manifest(mpath, manifest)
     warnings: list[str] = []
     tables = {name: _read_table(path / name, schema, warnings) for name, schema in layout.SCHEMAS.items()}
     steps = tables[layout.STEPS].sort_by("step")

@@ -10,6 +10,7 @@ import queue
 import shutil
 import socket
 import threading
+import uuid
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ MODES = ("append", "new", "overwrite")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -58,6 +59,9 @@ def prepare_run_dir(run_dir: str | os.PathLike, mode: str) -> tuple[Path, dict |
     """Apply `mode` to the directory; returns (path, existing manifest to append to or None)."""
     if mode not in MODES:
         raise FreezeFrameError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    if not isinstance(run_dir, (str, Path)) and not hasattr(run_dir, "__fspath__"):
+        raise FreezeFrameError(f"run_dir must be a path (str or pathlib.Path), got {run_dir!r} "
+                               f"({type(run_dir).__name__})")
     path = Path(run_dir)
     if path.exists() and not path.is_dir():
         raise FreezeFrameError(f"run directory {str(path)!r} is a file, not a directory")
@@ -89,26 +93,54 @@ def _check_lock(path: Path) -> None:
         info = json.loads(lock.read_text())
     except (OSError, ValueError):
         return
-    if info.get("host") == socket.gethostname() and info.get("pid") != os.getpid() and _pid_alive(info["pid"]):
+    if info.get("host") != socket.gethostname():
+        return
+    if info.get("pid") != os.getpid() and _pid_alive(info["pid"]):
         raise FreezeFrameError(
             f"{str(path)!r} is being written by another process (pid {info['pid']}); "
             "two processes cannot write one run: use another run directory")
 
 
-def acquire_lock(path: Path) -> Path:
-    """Claim the run directory for this process; a stale lock (its process gone) is taken over."""
+
+class Lock:
+    """This recorder's claim on a run directory (a file holding pid, host and a token)."""
+
+    def __init__(self, path: Path, token: str):
+        self.path, self.token = path, token
+
+    def held(self) -> bool:
+        try:
+            return json.loads(self.path.read_text()).get("token") == self.token
+        except (OSError, ValueError):
+            return False
+
+    def unlink(self, missing_ok: bool = True) -> None:
+        try:
+            if json.loads(self.path.read_text()).get("token") == self.token:
+                self.path.unlink(missing_ok=missing_ok)
+        except (OSError, ValueError):
+            pass
+
+
+def acquire_lock(path: Path) -> Lock:
+    """Claim the run directory for this recorder; a stale lock (its process gone) is taken over,
+    a live one (another process, or another open recorder of this process) is refused."""
     lock = path / layout.LOCK
-    payload = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}).encode()
+    token = uuid.uuid4().hex
+    payload = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
+                          "token": token}).encode()
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             _check_lock(path)
-            lock.unlink(missing_ok=True)  # stale, or our own from an earlier recorder
+            # stale (its process is gone), or an earlier recorder of this process (a re-run
+            # notebook cell, a re-created Learner): taken over; that recorder stops writing
+            lock.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
-        return lock
+        return Lock(lock, token)
     raise FreezeFrameError(f"cannot take the lock {lock}")
 
 
@@ -117,7 +149,7 @@ class RunWriter:
     enqueues; `error` holds the first exception the thread met (the recorder turns it into
     one warning)."""
 
-    def __init__(self, path: Path, session: int, *, pull=None, interval: float | None = None):
+    def __init__(self, path: Path, session: int, *, pull=None, interval: float | None = None, lock: Lock | None = None):
         """`pull()`, when given, returns the tables buffered since the last hand-over; the
         thread calls it itself whenever `interval` seconds pass with nothing submitted, so a
         step waits at most that long in memory even if no further step comes (a long
@@ -126,6 +158,7 @@ class RunWriter:
         self.session = session
         self._pull = pull
         self._interval = interval
+        self._lock = lock
         self.error: BaseException | None = None
         self.bytes_written = 0
         self._seq = {t: 0 for t in layout.TABLES}
@@ -154,7 +187,7 @@ class RunWriter:
     def _run(self) -> None:
         while True:
             try:
-                job = self._queue.get(timeout=self._interval) if self._pull else self._queue.get()
+                job = self._queue.get(timeout=max(self._interval or 0.0, 0.05)) if self._pull else self._queue.get()
             except queue.Empty:
                 try:
                     if self.error is None:
@@ -173,6 +206,8 @@ class RunWriter:
                 self._queue.task_done()
 
     def _write(self, tables: dict[str, pa.Table], manifest: bytes | None) -> None:
+        if self._lock is not None and not self._lock.held():
+            raise FreezeFrameError(f"another recorder took over {str(self.path)!r}; this one stops writing to it")
         for name, table in tables.items():
             if table.num_rows == 0:
                 continue

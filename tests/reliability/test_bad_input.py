@@ -1,0 +1,359 @@
+"""Bad input gets a one-line error naming the thing at fault: a run directory that is not a run, of
+a newer schema, empty, partly written or hand-edited (the API raises RunError; every CLI command
+exits 2 with one stderr line and no traceback); `watch` given something that is not a model, an
+optimizer, a run directory or a valid option (refused before anything is written); `mode="append"`
+on another model; two writers of one run directory (refused, never interleaved); names with
+spaces, unicode, HTML and rich markup, recorded and shown literally.
+
+Complements tests/test_core_store.py (the API's errors for missing / no manifest / empty /
+truncated / newer / a file), tests/test_core_cli.py (missing / empty dir / file) and
+tests/test_core_safety.py (no parameters, a model as the optimizer, an unknown option, a bad mode).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import freezeframe
+from freezeframe import cli
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models on a small shared machine: one intra-op thread is ~40x faster than contended ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TESTS_DIR = Path(__file__).resolve().parents[1]
+
+
+def _tiny_run(run_dir: Path, steps: int = 2) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with freezeframe.watch(model, opt, run_dir, every=1):
+        for _ in range(steps):
+            opt.zero_grad()
+            model(torch.randn(2, 3)).sum().backward()
+            opt.step()
+    return model
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------- run directories that are not runs
+
+
+def _edit_manifest(edit):
+    def damage(run_dir: Path) -> None:
+        _tiny_run(run_dir)
+        m = run_dir / "manifest.json"
+        m.write_text(edit(m.read_text()))
+    return damage
+
+
+def _json_edit(fn):
+    def edit(text):
+        doc = json.loads(text)
+        fn(doc)
+        return json.dumps(doc)
+    return edit
+
+
+def _notes_only(run_dir: Path) -> None:
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("not a run")
+    (run_dir / "steps").mkdir()
+
+
+def _del(key):
+    return lambda doc: doc.pop(key)
+
+
+def _set(key, value):
+    return lambda doc: doc.__setitem__(key, value)
+
+
+BROKEN = {
+    "not a run": _notes_only,
+    "newer schema": _edit_manifest(_json_edit(_set("schema_version", 2))),
+    "schema version not a number": _edit_manifest(_json_edit(_set("schema_version", "2"))),
+    "empty manifest": _edit_manifest(lambda text: ""),
+    "whitespace manifest": _edit_manifest(lambda text: "\n  \n"),
+    "manifest cut in half": _edit_manifest(lambda text: text[: len(text) // 2]),
+    "manifest is a list": _edit_manifest(lambda text: "[1, 2, 3]"),
+    "manifest of another tool": _edit_manifest(lambda text: json.dumps({"schema": "wandb.run/3", "id": 1})),
+    "manifest without its model": _edit_manifest(_json_edit(_del("model"))),
+    "manifest not utf-8": lambda d: (_tiny_run(d), (d / "manifest.json").write_bytes(b"\xff\xfe{\x00")),
+}
+
+
+@pytest.mark.parametrize("what", list(BROKEN))
+def test_a_broken_run_directory_is_one_clear_error_from_the_api(tmp_path, what):
+    run_dir = tmp_path / "my run"
+    BROKEN[what](run_dir)
+    with pytest.raises(freezeframe.RunError) as e:
+        freezeframe.load(run_dir).summary()
+    msg = str(e.value)
+    assert str(run_dir) in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("command", [["summary"], ["summary", "--json"], ["check", "--json"], ["report"]])
+@pytest.mark.parametrize("what", list(BROKEN))
+def test_every_cli_command_on_a_broken_run_exits_2_with_one_line(tmp_path, capsys, what, command):
+    run_dir = tmp_path / "my run"
+    BROKEN[what](run_dir)
+    code = cli.main([command[0], str(run_dir), *command[1:]])  # an exception escaping here is the bug
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(run_dir) in lines[0] and lines[0].startswith("freezeframe: error:"), err
+
+
+def test_the_cli_process_prints_no_traceback_for_a_run_of_a_newer_schema(tmp_path, freezeframe_exe, cli_env):
+    run_dir = tmp_path / "from the future"
+    BROKEN["newer schema"](run_dir)
+    out = subprocess.run([freezeframe_exe, "summary", str(run_dir)], capture_output=True, text=True,
+                         env=cli_env, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert str(run_dir) in lines[0] and "schema version 2" in lines[0] and "upgrade freezeframe" in lines[0]
+
+
+# -------------------------------------------------------------------------------- watch() input
+
+
+def _model_and_opt():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def _no_hooks(model, opt):
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert all(not getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())
+
+
+# case: (model, optimizer, run_dir, options) -> (args, kwargs); words the message must hold
+WATCH_CASES = {
+    "a state_dict as the model": (lambda m, o, d: ((m.state_dict(), o, d), {}), ["torch.nn.Module", "OrderedDict"]),
+    "a function as the model": (lambda m, o, d: ((lambda x: x, o, d), {}), ["torch.nn.Module", "function"]),
+    "None as the model": (lambda m, o, d: ((None, o, d), {}), ["torch.nn.Module", "NoneType"]),
+    "a list of modules as the model": (lambda m, o, d: (([m[0], m[2]], o, d), {}), ["torch.nn.Module", "list"]),
+    "a string as the optimizer": (lambda m, o, d: ((m, "adam", d), {}), ["Optimizer", "str"]),
+    "the optimizer class": (lambda m, o, d: ((m, torch.optim.SGD, d), {}), ["Optimizer", "type"]),
+    "param groups as the optimizer": (lambda m, o, d: ((m, o.param_groups, d), {}), ["Optimizer", "dict"]),
+    "a model inside the optimizer list": (lambda m, o, d: ((m, [o, m], d), {}), ["Optimizer", "Sequential"]),
+    "None as the run directory": (lambda m, o, d: ((m, o, None), {}), ["run_dir", "None"]),
+    "a number as the run directory": (lambda m, o, d: ((m, o, 3), {}), ["run_dir", "3"]),
+    "a scaler that is not a GradScaler": (lambda m, o, d: ((m, o, d), {"scaler": "yes"}), ["scaler", "str"]),
+    "a negative flush interval": (lambda m, o, d: ((m, o, d), {"flush_seconds": -1}), ["flush_seconds", "-1"]),
+    "a flush interval as text": (lambda m, o, d: ((m, o, d), {"flush_seconds": "5"}), ["flush_seconds", "'5'"]),
+    "an unknown reference device": (lambda m, o, d: ((m, o, d), {"reference_device": "nope"}),
+                                    ["reference_device", "nope"]),
+    "every as text": (lambda m, o, d: ((m, o, d), {"every": "5"}), ["every", "'5'"]),
+    "a budget above 1": (lambda m, o, d: ((m, o, d), {"budget": 5}), ["budget", "5"]),
+}
+
+
+@pytest.mark.parametrize("case", list(WATCH_CASES))
+def test_watch_refuses_bad_input_naming_it_before_anything_is_written(tmp_path, case):
+    make, words = WATCH_CASES[case]
+    model, opt = _model_and_opt()
+    run_dir = tmp_path / "run"
+    args, kwargs = make(model, opt, run_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning instead of the refusal is not a refusal
+        with pytest.raises((freezeframe.FreezeFrameError, ValueError)) as e:
+            rec = freezeframe.watch(*args, **kwargs)
+            rec.close()
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), (case, msg)
+    assert not run_dir.exists(), f"a refused watch() left {sorted(p.name for p in run_dir.iterdir())}"
+    _no_hooks(model, opt)
+    # the corrected call works on the same directory
+    with freezeframe.watch(model, opt, run_dir, every=1):
+        opt.zero_grad()
+        model(torch.randn(2, 3)).sum().backward()
+        opt.step()
+    assert freezeframe.load(run_dir).summary()["run"]["steps"] == 1
+
+
+@pytest.mark.parametrize("other", ["another dtype", "a parameter more", "a parameter renamed"])
+def test_append_refuses_another_model_and_leaves_the_run_untouched(tmp_path, other):
+    run_dir = tmp_path / "run"
+    _tiny_run(run_dir)
+    before = _tree(run_dir)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    if other == "another dtype":
+        model.double()
+        named = "0.weight"
+    elif other == "a parameter more":
+        model.register_parameter("scale", nn.Parameter(torch.ones(())))
+        named = "scale"
+    else:
+        model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Identity(), nn.Linear(4, 2))
+        named = "3.weight"
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(freezeframe.FreezeFrameError) as e:
+        freezeframe.watch(model, opt, run_dir, mode="append")
+    msg = str(e.value)
+    assert str(run_dir) in msg and "different model" in msg and named in msg and "\n" not in msg, msg
+    assert _tree(run_dir) == before  # no file added, removed or changed (no lock left either)
+    _no_hooks(model, opt)
+
+
+# ------------------------------------------------------------------ two writers of one run directory
+
+HOLDER = r"""
+import sys, time
+from pathlib import Path
+from freezeframe.store.writer import acquire_lock  # the lock a recording process holds (no torch needed)
+
+acquire_lock(Path(sys.argv[1]))
+print("holding", flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_second_process_cannot_write_a_run_another_live_process_is_writing(tmp_path, cli_env):
+    """The run's lock is held by another live process (here a light one that took it the way a
+    recorder does): every mode of watch() is refused naming that process, and nothing changes."""
+    run_dir = tmp_path / "shared run"
+    _tiny_run(run_dir)
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    env = dict(cli_env, PYTHONPATH=os.pathsep.join([str(TESTS_DIR.parent / "src"), cli_env.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "holding", (line, proc.stderr.read() if proc.poll() is not None else "")
+        before = _tree(run_dir)
+        model, opt = _model_and_opt()
+        for mode in ("append", "overwrite", "new"):
+            with pytest.raises(freezeframe.FreezeFrameError) as e:
+                freezeframe.watch(model, opt, run_dir, mode=mode)
+            msg = str(e.value)
+            assert str(run_dir) in msg and "\n" not in msg, (mode, msg)
+            if mode != "new":
+                assert "another process" in msg and str(proc.pid) in msg, (mode, msg)
+            _no_hooks(model, opt)
+        assert _tree(run_dir) == before, "a refused writer changed the run"
+        assert freezeframe.load(run_dir).summary()["run"]["steps"] == 2  # reading it meanwhile is fine
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_a_second_recorder_in_the_same_process_does_not_interleave_with_the_first(run_dir):
+    """A notebook cell that calls watch() again without closing the first recorder: refused, or
+    made safe — the run never holds two sessions' steps under the same numbers."""
+    model, opt = _model_and_opt()
+
+    def steps(n):
+        for _ in range(n):
+            opt.zero_grad()
+            model(torch.randn(2, 3)).sum().backward()
+            opt.step()
+
+    first = freezeframe.watch(model, opt, run_dir, every=1, flush_seconds=0.05)
+    try:
+        steps(3)
+        try:
+            second = freezeframe.watch(model, opt, run_dir, every=1, flush_seconds=0.05)
+        except freezeframe.FreezeFrameError as e:
+            assert str(run_dir) in str(e) and "\n" not in str(e)
+            second = None
+        steps(3)
+        if second is not None:
+            second.close()
+        steps(2)
+    finally:
+        first.close()
+    run = freezeframe.load(run_dir)
+    summary = run.summary()
+    steps_col = run.steps().column("step").to_pylist()
+    assert len(steps_col) == len(set(steps_col)), f"step numbers recorded twice: {steps_col}"
+    assert summary["run"]["steps"] == sum(s["steps"] for s in summary["stages"])
+    sessions_seen = set(run.steps().column("session").to_pylist())
+    assert sessions_seen <= {s["index"] for s in summary["run"]["sessions"]}, "rows of a session the manifest lost"
+    assert summary["run"]["error"] is None
+
+
+# ------------------------------------------------------------------------- names from the user's model
+
+ODD = ["çé <b>", "two words", "<script>alert('x')</script>", "[bold red]not markup[/]", "émoji 🚀", "q\"u'o&te"]
+
+
+def _odd_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Module()
+    for k, name in enumerate(ODD):
+        model.add_module(name, nn.Linear(3, 3))
+
+    def forward(x):
+        for name in ODD:
+            x = torch.tanh(getattr(model, name)(x))
+        return x
+
+    model.forward = forward
+    return model
+
+
+def test_names_with_spaces_unicode_html_and_markup_are_recorded_and_shown_literally(tmp_path, capsys, monkeypatch):
+    run_dir = tmp_path / "run <odd> & ünïcode"
+    model = _odd_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stage = "<i>stage</i> [b]one[/b] ✓"
+    with freezeframe.watch(model, opt, run_dir, every=1) as rec:
+        with rec.stage(stage):
+            for _ in range(2):
+                opt.zero_grad()
+                model(torch.randn(2, 3)).sum().backward()
+                opt.step()
+    run = freezeframe.load(run_dir)
+    summary = run.summary()
+    expected = [f"{name}.{t}" for name in ODD for t in ("weight", "bias")]
+    assert [p["name"] for p in summary["params"]] == expected
+    assert [m["name"] for m in summary["modules"]] == ODD
+    assert [s["name"] for s in summary["stages"]] == [stage]
+    assert all(e["changed"] is True and e["grad_steps"] == 2 for p in summary["params"] for e in p["stages"])
+    tensors = run.tensors()
+    assert set(tensors.column("name").to_pylist()) == set(expected)
+
+    # the JSON and the text summary show each name as written (no markup interpreted)
+    assert cli.main(["summary", str(run_dir), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [p["name"] for p in doc["params"]] == expected
+    monkeypatch.setenv("COLUMNS", "250")
+    assert cli.main(["summary", str(run_dir), "--depth", "1"]) == 0
+    text = capsys.readouterr().out
+    for name in ODD + ["<i>stage</i> [b]one[/b] ✓"]:
+        assert name in text, (name, text)
+
+    # the HTML report escapes every one of them
+    report = tmp_path / "report.html"
+    assert cli.main(["report", str(run_dir), "-o", str(report)]) == 0
+    capsys.readouterr()
+    page = report.read_text(encoding="utf-8")
+    for raw in ["<script>alert('x')</script>", "<b>", "<i>stage</i>"]:
+        assert raw not in page, f"{raw!r} is in the HTML unescaped"
+    assert "çé" in page or "\\u00e7\\u00e9" in page
