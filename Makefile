@@ -43,7 +43,7 @@ bench: venv
 	$(PY) benchmarks/overhead.py
 
 soak: venv
-	$(PY) -m pytest tests/soak -q
+	HF_HUB_OFFLINE=1 FREEZEFRAME_SOAK=1 $(PY) -m pytest tests/soak -q -s
 
 clean:
 	rm -rf build dist .pytest_cache .hypothesis .ruff_cache src/*.egg-info *.egg-info
