@@ -31,15 +31,6 @@ from freezeframe.capture.columns import Columns
 from freezeframe.capture.recorder import Recorder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a small shared machine: one intra-op thread is ~40x faster than contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 STEPS = 9  # stage "warm": steps 0-2; automatic stages: 3-4 and 5; stage "last": 6-8 (a tracked optimizer)
 STAGES = ["warm", "stage 1", "stage 2", "last"]
 TRACK, CLOSE = 5.5, float("inf")  # phase["step"] while the new optimizer is tracked, and while closing

@@ -23,15 +23,6 @@ import oracle
 from models import Branchy, batch, build, loss_of
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a small shared machine: one intra-op thread is ~40x faster than contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _summary(run_dir) -> dict:
     run = freezeframe.load(run_dir)
     summary = run.summary()
