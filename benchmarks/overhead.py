@@ -69,24 +69,61 @@ def _status_kib(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-class PeakRSS:
-    """Peak RSS over a window: reset the kernel's high-water mark (`echo 5 > clear_refs`), read
-    VmHWM afterwards. Unavailable (None) where the kernel refuses the reset."""
+class Heap:
+    """Memory probes that do not depend on what the allocator keeps cached: `trim()` hands free heap
+    pages back to the kernel (glibc malloc_trim), `in_use()` is the bytes malloc has handed out and
+    not got back (glibc mallinfo2: uordblks + hblkhd), and the peak RSS over a window comes from
+    the kernel's high-water mark, reset with `echo 5 > /proc/self/clear_refs`. Each probe is None
+    where the platform lacks it."""
 
     def __init__(self):
-        try:
-            self.reset()
-            _status_kib("VmHWM")
-            self.ok = True
-        except OSError:
-            self.ok = False
+        import ctypes
 
-    def reset(self) -> None:
+        try:
+            self._libc = ctypes.CDLL("libc.so.6")
+            self._libc.malloc_trim(0)
+        except (OSError, AttributeError):
+            self._libc = None
+        try:
+            class _Mallinfo2(ctypes.Structure):
+                _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                           "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+            self._mallinfo2 = self._libc.mallinfo2
+            self._mallinfo2.restype = _Mallinfo2
+        except AttributeError:
+            self._mallinfo2 = None
+        try:
+            self.reset_peak()
+            _status_kib("VmHWM")
+            self.peak_ok = True
+        except (OSError, RuntimeError):
+            self.peak_ok = False
+
+    def trim(self) -> None:
+        gc.collect()
+        if self._libc is not None:
+            self._libc.malloc_trim(0)
+
+    def in_use(self) -> int | None:
+        if self._mallinfo2 is None:
+            return None
+        m = self._mallinfo2()
+        return int(m.uordblks + m.hblkhd)
+
+    def reset_peak(self) -> None:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
 
-    def peak(self) -> int:
-        return _status_kib("VmHWM") * 1024
+    def window_peak(self, fn) -> int | None:
+        """Peak RSS above the (trimmed) starting RSS while `fn()` runs."""
+        if not self.peak_ok:
+            fn()
+            return None
+        self.trim()
+        base = rss_bytes()
+        self.reset_peak()
+        fn()
+        return _status_kib("VmHWM") * 1024 - base
 
 
 def tensor_bytes(tensors) -> int:
@@ -202,9 +239,9 @@ def attach_floor(model: nn.Module, opt: torch.optim.Optimizer, workdir: Path) ->
 
 # (name, attach): add peers here (wandb.watch offline, TensorBoard add_histogram, ...).
 INSTRUMENTS: list[tuple[str, Callable[[nn.Module, torch.optim.Optimizer, Path], Attached]]] = [
-    ("freezeframe default (every=None, 3 % budget)", attach_freezeframe(None)),
+    ("freezeframe default", attach_freezeframe(None)),
     ("freezeframe every=1", attach_freezeframe(1)),
-    ("floor: clone + _foreach_norm, 1 sync", attach_floor),
+    ("floor (every=1)", attach_floor),
 ]
 
 
@@ -218,19 +255,26 @@ def train_step(model, opt, batch, loss_fn) -> None:
 
 def ratio_stats(a: np.ndarray, b: np.ndarray, block: int, rng: np.random.Generator) -> dict:
     """Ratios of B over A: median over blocks of `block` steps (the headline), plain median and
-    mean, a paired bootstrap 95 % interval of the headline and the IQR of per-block ratios."""
+    mean, a paired bootstrap 95 % interval of the headline and the IQR of per-block ratios.
+    With fewer than 8 blocks (a recording period too long for this many pairs) the headline is
+    the ratio of the means (bootstrapped over pairs) instead."""
     n = (len(a) // block) * block
-    a_blk = a[:n].reshape(-1, block).sum(1)
-    b_blk = b[:n].reshape(-1, block).sum(1)
-    head = float(np.median(b_blk) / np.median(a_blk))
+    if n // block >= 8:
+        a_blk, b_blk = a[:n].reshape(-1, block).sum(1), b[:n].reshape(-1, block).sum(1)
+        stat, kind = np.median, "median of blocks"
+    else:
+        a_blk, b_blk, block = a, b, 1
+        stat, kind = np.mean, "mean (too few blocks)"
+    head = float(stat(b_blk) / stat(a_blk))
     idx = rng.integers(0, len(a_blk), size=(2000, len(a_blk)))
-    boot = np.median(b_blk[idx], axis=1) / np.median(a_blk[idx], axis=1)
+    boot = stat(b_blk[idx], axis=1) / stat(a_blk[idx], axis=1)
     per = b_blk / a_blk
     return {
-        "ratio": head,
+        "ratio": head, "ratio_kind": kind,
         "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
         "block": block, "blocks": int(len(a_blk)),
         "ratio_median_steps": float(np.median(b) / np.median(a)),
+        "ratio_paired_median": float(np.median(per)),
         "ratio_mean": float(b.mean() / a.mean()),
         "per_block_iqr": [float(np.percentile(per, 25)), float(np.percentile(per, 75))],
     }
@@ -262,7 +306,8 @@ def run_dir_bytes(run_dir: Path) -> dict:
     }
 
 
-def measure(work: Workload, inst_name: str, attach, scale: float, seed: int = 0) -> dict:
+def measure(work: Workload, inst_name: str, attach, scale: float, max_seconds: float = 60.0,
+            seed: int = 0) -> dict:
     torch.manual_seed(seed)
     model_a = work.make_model()
     model_b = copy.deepcopy(model_a)                       # same initial weights
@@ -270,55 +315,73 @@ def measure(work: Workload, inst_name: str, attach, scale: float, seed: int = 0)
     batches = work.make_batches(torch.Generator().manual_seed(seed))
     loss_fn = nn.CrossEntropyLoss()
     model_a.train(), model_b.train()
-    k = 0
+    k = [0, 0]                                             # next batch of A, of B: both see the same data
+
+    def step(which: int, n: int = 1) -> None:
+        model, opt = (model_a, opt_a) if which == 0 else (model_b, opt_b)
+        for _ in range(n):
+            train_step(model, opt, batches[k[which] % len(batches)], loss_fn)
+            k[which] += 1
+
     for _ in range(work.plain_steps):                      # grads and optimizer state allocated
-        train_step(model_a, opt_a, batches[k % len(batches)], loss_fn)
-        train_step(model_b, opt_b, batches[k % len(batches)], loss_fn)
-        k += 1
+        step(0), step(1)
 
     workdir = Path(tempfile.mkdtemp(prefix="ff-bench-"))
-    peak = PeakRSS()
+    heap = Heap()
     try:
-        gc.collect()
-        rss0 = rss_bytes()
+        heap.trim()
+        rss0, heap0 = rss_bytes(), heap.in_use()
         t0 = time.perf_counter()
         att = attach(model_b, opt_b, workdir)
         attach_s = time.perf_counter() - t0
-        rss_attached = rss_bytes()
 
-        def pair(timed: bool):
-            nonlocal k
-            batch = batches[k % len(batches)]
-            k += 1
-            if timed and peak.ok:
-                peak.reset()
-            base = rss_bytes() if timed and peak.ok else 0
-            t = time.perf_counter()
-            train_step(model_a, opt_a, batch, loss_fn)
-            ta = time.perf_counter() - t
-            pa_ = (peak.peak() - base) if timed and peak.ok else 0
-            if timed and peak.ok:
-                peak.reset()
-            base = rss_bytes() if timed and peak.ok else 0
-            t = time.perf_counter()
-            train_step(model_b, opt_b, batch, loss_fn)
+        def pair() -> tuple[float, float, float, float, float]:
+            c, t = time.process_time(), time.perf_counter()
+            step(0)
+            ta, ca = time.perf_counter() - t, time.process_time() - c
+            c, t = time.process_time(), time.perf_counter()
+            step(1)
             tb_step = time.perf_counter() - t
             att.drain()                                    # B's background work, counted as B's
-            tb = time.perf_counter() - t
-            pb = (peak.peak() - base) if timed and peak.ok else 0
-            return ta, tb, tb - tb_step, pa_, pb
+            tb, cb = time.perf_counter() - t, time.process_time() - c
+            return ta, tb, tb - tb_step, ca, cb
 
         warm = 0
         while warm < work.warmup or (att.every() is None and warm < 10 * work.warmup):
-            pair(False)
+            pair()
             warm += 1
-        pairs = max(8, int(round(work.pairs * scale)))
+        # At least 8 recording periods, so that the median over blocks of `every` steps means
+        # something (up to 20× the workload's pairs; beyond that the mean ratio is the headline).
+        base = max(8, int(round(work.pairs * scale)))
+        want = min(max(base, 8 * (att.every() or 1)), 20 * base)
         gc.collect()
-        out = np.array([pair(True) for _ in range(pairs)])
+        rows, t_loop = [], time.perf_counter()
+        # A loaded machine stops at the time cap, but not before 30 pairs and 8 recording periods.
+        least = min(want, max(30, 8 * max(1, att.every() or 1)))
+        while len(rows) < want:
+            rows.append(pair())
+            if time.perf_counter() - t_loop > max_seconds and len(rows) >= least:
+                break
+        pairs, times = len(rows), np.array(rows)
         att.drain()
-        gc.collect()
-        rss_end = rss_bytes()
+        heap.trim()
+        rss1, heap1 = rss_bytes(), heap.in_use()
         every = att.every()
+
+        # Memory pass (untimed): peak RSS over windows of `every` steps (so that each window of the
+        # watched model holds a recorded step), plain and watched alternately.
+        window = min(max(1, every or 1), 200)
+        peaks = [[], []]
+        t_mem = time.perf_counter()
+        for w in range(6):
+            if w >= 2 and time.perf_counter() - t_mem > max_seconds / 3:
+                break
+            for which in (0, 1):
+                def run(which=which):
+                    step(which, window)
+                    if which == 1:
+                        att.drain()
+                peaks[which].append(heap.window_peak(run))
         info = att.info()
         t0 = time.perf_counter()
         att.close()
@@ -327,9 +390,13 @@ def measure(work: Workload, inst_name: str, attach, scale: float, seed: int = 0)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    a, b, drain, peak_a, peak_b = out.T
+    a, b, drain, cpu_a, cpu_b = times.T
     stats = ratio_stats(a, b, max(1, every or 1), np.random.default_rng(seed))
+    cpu = ratio_stats(cpu_a, cpu_b, max(1, every or 1), np.random.default_rng(seed))
     calib = info.get("calibration")
+    peak_extra = None
+    if heap.peak_ok:
+        peak_extra = float(np.median(peaks[1]) - np.median(peaks[0])) / MiB
     res = {
         "workload": work.name, "instrument": inst_name, "pairs": pairs, "warmup_pairs": warm,
         "every": every,
@@ -337,19 +404,40 @@ def measure(work: Workload, inst_name: str, attach, scale: float, seed: int = 0)
         "step_ms_watched_median": 1e3 * float(np.median(b)),
         "drain_ms_mean": 1e3 * float(drain.mean()), "drains_over_1ms": int((drain > 1e-3).sum()),
         **stats,
+        "cpu_ratio": cpu["ratio"], "cpu_ci95": cpu["ci95"], "cpu_ratio_mean": cpu["ratio_mean"],
+        "cpu_ms_plain_median": 1e3 * float(np.median(cpu_a)),
+        "pairs_wanted": want,
         "attach_s": attach_s, "close_s": close_s,
         "memory": {
-            "rss_attach_mib": (rss_attached - rss0) / MiB,
-            "rss_after_steps_mib": (rss_end - rss0) / MiB,
-            "step_peak_extra_mib": (float(np.median(peak_b) - np.median(peak_a)) / MiB) if peak.ok else None,
+            "rss_growth_mib": (rss1 - rss0) / MiB,
+            "heap_growth_mib": None if heap0 is None else (heap1 - heap0) / MiB,
+            "step_peak_extra_mib": peak_extra, "peak_window_steps": window, "peak_windows": len(peaks[0]),
+            "peaks_plain_mib": [None if x is None else x / MiB for x in peaks[0]],
+            "peaks_watched_mib": [None if x is None else x / MiB for x in peaks[1]],
             "analytic_reference_mib": att.analytic_bytes.get("reference", 0) / MiB,
             "analytic_temporary_mib": att.analytic_bytes.get("temporary", 0) / MiB,
         },
         "written": written,
     }
     if calib:
-        res["calibration"] = {k2: v for k2, v in calib.items()}
+        res["calibration"] = dict(calib)
     return res
+
+
+def prime() -> None:
+    """Pay the one-time costs (imports, the writer's first Parquet file, thread start-up) before
+    anything is measured, so that they do not land on whichever instrument runs first."""
+    model = _mlp()
+    opt = _sgd(model)
+    workdir = Path(tempfile.mkdtemp(prefix="ff-prime-"))
+    try:
+        rec = freezeframe.watch(model, opt, workdir / "run", every=1, mode="new")
+        for batch in _vectors(torch.Generator().manual_seed(1))[:3]:
+            train_step(model, opt, batch, nn.CrossEntropyLoss())
+        rec.close()
+        run_dir_bytes(workdir / "run")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -367,50 +455,71 @@ def machine() -> dict:
             "freezeframe": freezeframe.__version__, "platform": platform.platform()}
 
 
-def _fmt_ratio(r: dict) -> str:
-    return f"{r['ratio']:.3f}"
+def _model(r: dict) -> str:
+    return r["workload"].split(",")[0]
 
 
-def rows_for(results: list[dict]) -> list[list[str]]:
+def _rng(x: list) -> str:
+    return f"{x[0]:.3f}–{x[1]:.3f}"
+
+
+TIME_HEADERS = ["model", "instrument", "every", "pairs", "plain ms", "ratio", "95 % CI", "median/step", "mean",
+                "IQR/block", "CPU ratio"]
+MEMORY_HEADERS = ["model", "instrument", "RSS +MiB", "heap +MiB", "peak +MiB", "analytic MiB", "B/row (log)",
+                  "rows", "close s"]
+
+
+def time_rows(results: list[dict]) -> list[list[str]]:
+    return [[_model(r), r["instrument"], str(r["every"]), str(r["pairs"]), f"{r['step_ms_plain_median']:.2f}",
+             f"{r['ratio']:.3f}" + ("" if r["ratio_kind"].startswith("median") else " (mean)"), _rng(r["ci95"]),
+             f"{r['ratio_median_steps']:.3f}", f"{r['ratio_mean']:.3f}", _rng(r["per_block_iqr"]),
+             f"{r['cpu_ratio']:.3f}"] for r in results]
+
+
+def memory_rows(results: list[dict]) -> list[list[str]]:
     rows = []
     for r in results:
         m, w = r["memory"], r["written"]
+        opt = lambda v: "—" if v is None else f"{v:+.1f}"  # noqa: E731
         rows.append([
-            r["workload"].split(",")[0], r["instrument"],
-            f"{r['step_ms_plain_median']:.2f}",
-            _fmt_ratio(r), f"{r['ci95'][0]:.3f}–{r['ci95'][1]:.3f}",
-            f"{r['ratio_median_steps']:.3f}", f"{r['ratio_mean']:.3f}",
-            f"{r['per_block_iqr'][0]:.3f}–{r['per_block_iqr'][1]:.3f}",
-            str(r["every"]),
-            f"{m['rss_after_steps_mib']:+.1f}",
-            "—" if m["step_peak_extra_mib"] is None else f"{m['step_peak_extra_mib']:+.1f}",
+            _model(r), r["instrument"], opt(m["rss_growth_mib"]), opt(m["heap_growth_mib"]),
+            opt(m["step_peak_extra_mib"]),
             f"{m['analytic_reference_mib']:.1f} + {m['analytic_temporary_mib']:.1f}",
             "—" if not w or w["bytes_per_tensor_step"] is None else
             f"{w['bytes_per_tensor_step']:.1f} ({w['log_bytes_per_tensor_step']:.1f})",
+            "—" if not w else f"{w['recorded_steps']}×{w['tensors_per_recorded_step']:.0f}",
+            f"{r['close_s']:.2f}",
         ])
     return rows
 
 
-HEADERS = ["model", "instrument", "plain ms", "ratio", "95 % CI", "median/step", "mean", "IQR/block",
-           "every", "RSS +MiB", "step peak +MiB", "analytic MiB (ref + temp)", "B/tensor-step (log)"]
-
-
-def print_table(results: list[dict]) -> None:
-    rows = rows_for(results)
+def print_tables(results: list[dict]) -> None:
+    tables = [("Overhead per training step: watched / plain, interleaved, writer drained", TIME_HEADERS,
+               time_rows(results)),
+              ("Memory and bytes written", MEMORY_HEADERS, memory_rows(results))]
     try:
         from rich.console import Console
         from rich.table import Table
-
-        t = Table(title="Overhead per training step (watched / plain, interleaved, writer drained)")
-        for h in HEADERS:
-            t.add_column(h, justify="left" if h in ("model", "instrument") else "right")
+    except ImportError:
+        for title, headers, rows in tables:
+            print(title)
+            print(" | ".join(headers))
+            for row in rows:
+                print(" | ".join(row))
+        return
+    console = Console(width=max(150, shutil.get_terminal_size().columns))
+    for title, headers, rows in tables:
+        t = Table(title=title)
+        for h in headers:
+            t.add_column(h, justify="left" if h in ("model", "instrument") else "right", no_wrap=True)
         for row in rows:
             t.add_row(*row)
-        Console(width=200).print(t)
-    except ImportError:
-        print(" | ".join(HEADERS))
-        for row in rows:
-            print(" | ".join(row))
+        console.print(t)
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|",
+            *["| " + " | ".join(row) + " |" for row in rows]]
 
 
 def verdicts(results: list[dict]) -> list[str]:
@@ -435,16 +544,25 @@ NOTES = """\
   **95 % CI**: paired bootstrap of that ratio (2,000 resamples). **median/step**: the same with single
   steps (hides the recorded steps when every > 1). **mean**: ratio of mean step times, which also
   counts the periodic flush (every `flush_seconds`). **IQR/block**: spread of the per-block ratios.
+  **CPU ratio**: the headline ratio computed from the process's CPU time (all threads, the writer's
+  included) instead of wall time; it is less disturbed by other processes on a shared machine, but
+  counts OpenMP threads spinning while they wait. **pairs**: measured pairs (a case stops early,
+  after at least 30, once its timed loop passes `--max-seconds`).
 - The watched model's time of each pair includes draining freezeframe's background writer
   (`rec._writer.drain()`) right after its step, so the writer's work never overlaps the plain
   model's step. The warm-up pairs (which contain freezeframe's calibration steps and the first
   stage's content hashes) are not measured; the close (hash + compaction) is timed separately.
-- **RSS +MiB**: resident memory after the measured steps minus before attaching (both models already
-  stepped). **step peak +MiB**: median peak RSS growth during a watched step minus during a plain one
-  (kernel high-water mark reset before each step). **analytic**: the persistent reference copy
-  (parameters + buffers) + one temporary copy of the recorded parameters.
-- **B/tensor-step**: bytes of the compacted `tensors` table per (tensor, recorded step) row; in
-  brackets the whole log (steps + tensors + scalars + manifest, not the reference weights).
+- Memory columns. **RSS +MiB**: resident memory after the measured steps minus before attaching (both models had
+  already stepped; free heap pages handed back with malloc_trim before each reading). **heap +MiB**:
+  the same for the bytes malloc has handed out (glibc mallinfo2), which free-list caching cannot
+  blur. **peak +MiB**: in a separate untimed pass, the median peak RSS (kernel high-water mark)
+  over a window of `every` steps of the watched model minus the same for the plain model.
+  **analytic MiB**: the persistent reference copy (parameters + buffers) + one temporary copy of
+  the recorded parameters.
+- **B/row**: bytes of the compacted `tensors` table per (tensor, recorded step) row; in brackets the
+  whole log (steps + tensors + scalars + manifest, not the reference weights) per row. **rows**:
+  recorded steps × tensors per recorded step (warm-up and memory-pass steps included). **close s**:
+  the time `close()` took (final hashes, flush, compaction).
 """
 
 
@@ -460,12 +578,15 @@ def write_markdown(path: Path, results: list[dict], meta: dict) -> None:
         "(the machine is shared: other processes' CPU use is noise that the interleaving spreads over both models)",
         f"- Total benchmark time: {meta['elapsed_s']:.0f} s", "",
         "## Overhead per training step", "",
-        "| " + " | ".join(HEADERS) + " |",
-        "|" + "|".join("---" for _ in HEADERS) + "|",
+        *_md_table(TIME_HEADERS, time_rows(results)), "",
+        "## Memory and bytes written", "",
+        *_md_table(MEMORY_HEADERS, memory_rows(results)),
     ]
-    for row in rows_for(results):
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", *[f"- {v}" for v in meta["verdicts"]], "", "## How it is measured", "", NOTES]
+    lines += ["", *[f"- {v}" for v in meta["verdicts"]]]
+    if meta.get("machine_busy"):
+        lines.append(f"- The machine was busy during this run (load average {meta['load_start']} → "
+                     f"{meta['load_end']} on {m['cores']} cores): the ratios are noisier than on a quiet machine.")
+    lines += ["", "## How it is measured", "", NOTES]
     extra = []
     for r in results:
         c = r.get("calibration")
@@ -496,7 +617,8 @@ def profile(work: Workload, every: int | None, steps: int) -> None:
 
     torch.manual_seed(0)
     model = work.make_model()
-    opt = work.make_optimizer(model)
+    plain = copy.deepcopy(model)
+    opt, opt_plain = work.make_optimizer(model), work.make_optimizer(plain)
     batches = work.make_batches(torch.Generator().manual_seed(0))
     loss_fn = nn.CrossEntropyLoss()
     workdir = Path(tempfile.mkdtemp(prefix="ff-prof-"))
@@ -515,18 +637,29 @@ def profile(work: Workload, every: int | None, steps: int) -> None:
                     acc.setdefault(label, []).append(time.perf_counter() - t)
             setattr(obj, name, timed)
 
-        for name in ("_pre_step", "_post_step", "_record_metrics", "_flush", "_forward_pre", "_forward_post",
-                     "_detect_buffer_writes"):
-            wrap(rec, name, f"Recorder.{name}")
-        for name in ("snapshot", "update_norms", "norms", "distances", "to_host"):
-            wrap(metrics, name, f"metrics.{name}")
+        # Internal names change as the library evolves: wrap the ones that exist.
+        for name in ("_pre_step", "_post_step", "_record_metrics", "_begin_stage", "_flush", "_forward_pre",
+                     "_forward_post", "_detect_buffer_writes"):
+            if hasattr(rec, name):
+                wrap(rec, name, f"Recorder.{name}")
+        bounds = getattr(rec, "_bounds", None)
+        for name in ("detect_buffer_writes", "after_forward", "after_step"):
+            if bounds is not None and hasattr(bounds, name):
+                wrap(bounds, name, f"BoundaryTracker.{name}")
+        for name in ("snapshot", "step_metrics", "update_norms", "norms", "distances", "to_host", "content_hashes"):
+            if hasattr(metrics, name):
+                wrap(metrics, name, f"metrics.{name}")
         for i in range(20):
+            train_step(plain, opt_plain, batches[i % len(batches)], loss_fn)
             train_step(model, opt, batches[i % len(batches)], loss_fn)
             rec._writer.drain()
         acc.clear()
-        step_t = []
+        step_t, plain_t = [], []
         prof = cProfile.Profile()
         for i in range(steps):
+            t = time.perf_counter()
+            train_step(plain, opt_plain, batches[i % len(batches)], loss_fn)
+            plain_t.append(time.perf_counter() - t)
             t = time.perf_counter()
             prof.enable()
             train_step(model, opt, batches[i % len(batches)], loss_fn)
@@ -535,7 +668,9 @@ def profile(work: Workload, every: int | None, steps: int) -> None:
             step_t.append(time.perf_counter() - t)
         rec.close()
         print(f"\n== profile: {work.name}, every={rec.every}, {steps} steps, "
-              f"median step {1e3 * statistics.median(step_t):.1f} ms (under cProfile) ==")
+              f"median watched step {1e3 * statistics.median(step_t):.1f} ms (under cProfile), "
+              f"plain twin stepped in between {1e3 * statistics.median(plain_t):.1f} ms; "
+              f"load average {os.getloadavg()[0]:.2f} ==")
         print("phase timers (ms per step, total / steps; nested: _record_metrics is inside _post_step):")
         for label, ts in sorted(acc.items(), key=lambda kv: -sum(kv[1])):
             print(f"  {label:32s} {1e3 * sum(ts) / steps:8.3f} ms/step  ({len(ts)} calls, "
@@ -547,6 +682,11 @@ def profile(work: Workload, every: int | None, steps: int) -> None:
         for (file, line, fn), (cc, nc, tt, ct, _) in rows:
             where = f"{Path(file).name}:{line}" if line else file
             print(f"  {1e3 * tt / steps:8.3f} own  {1e3 * ct / steps:8.3f} cum  {nc / steps:7.1f} calls  {fn}  ({where})")
+        print("cProfile, freezeframe's own functions by own time (ms per step):")
+        ours = [kv for kv in st.stats.items() if f"{os.sep}freezeframe{os.sep}" in kv[0][0]]
+        for (file, line, fn), (cc, nc, tt, ct, _) in sorted(ours, key=lambda kv: -kv[1][2])[:15]:
+            print(f"  {1e3 * tt / steps:8.3f} own  {1e3 * ct / steps:8.3f} cum  {nc / steps:7.1f} calls  {fn}  "
+                  f"({Path(file).parent.name}/{Path(file).name}:{line})")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -557,28 +697,35 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a short smoke run (pairs ÷ 10); writes no results")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every workload's number of pairs")
     ap.add_argument("--only", default="", help="substring filter on 'workload / instrument'")
+    ap.add_argument("--max-seconds", type=float, default=60.0,
+                    help="stop a case's timed loop after this long (at least 30 pairs), for loaded machines")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: the cores this process may use)")
     ap.add_argument("--no-write", action="store_true", help="print only; write no JSON or docs")
     ap.add_argument("--profile", action="store_true", help="profile a watched ResNet-18 step instead")
     ap.add_argument("--profile-every", default="1", help="every= for --profile ('none' for the default)")
+    ap.add_argument("--profile-model", default="resnet", help="substring of the workload to profile")
+    ap.add_argument("--profile-steps", type=int, default=30)
     args = ap.parse_args(argv)
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     if args.profile:
         every = None if args.profile_every.lower() == "none" else int(args.profile_every)
-        profile(WORKLOADS[0], every, steps=30)
+        work = next(w for w in WORKLOADS if args.profile_model.lower() in w.name.lower())
+        profile(work, every, steps=args.profile_steps)
         return 0
 
     scale = args.scale * (0.1 if args.quick else 1.0)
     write = not (args.quick or args.no_write)
     load_start = [round(x, 2) for x in os.getloadavg()]
     started = time.perf_counter()
+    prime()
     results = []
     for work in WORKLOADS:
         for name, attach in INSTRUMENTS:
             if args.only and args.only.lower() not in f"{work.name} / {name}".lower():
                 continue
             print(f"… {work.name} / {name}", flush=True)
-            r = measure(work, name, attach, scale)
+            r = measure(work, name, attach, scale, args.max_seconds)
             results.append(r)
             print(f"  ratio {r['ratio']:.3f} (mean {r['ratio_mean']:.3f}), every={r['every']}, "
                   f"plain {r['step_ms_plain_median']:.2f} ms", flush=True)
@@ -592,11 +739,16 @@ def main(argv=None) -> int:
                   "freezeframe's writer thread after its step",
     }
     print()
-    print_table(results)
+    busy = meta["load_start"][0] > meta["machine"]["cores"] or meta["load_end"][0] > meta["machine"]["cores"]
+    meta["machine_busy"] = busy
+    print_tables(results)
     print("The watched model's time includes draining freezeframe's background writer after each of its "
           "steps (rec._writer.drain()), so its work cannot hide in the plain model's steps.")
     for v in meta["verdicts"]:
         print(v)
+    if busy:
+        print(f"WARNING: the machine was busy (load average {load_start} → {meta['load_end']} on "
+              f"{meta['machine']['cores']} cores): other processes' CPU use makes these ratios noisy.")
     print(f"machine: {meta['machine']['cores']} cores, {meta['machine']['cpu']}, torch {meta['machine']['torch']}; "
           f"load average {load_start} → {meta['load_end']}; {elapsed:.0f} s")
     if write:

@@ -83,6 +83,19 @@ def distances(tensors: list[Tensor], refs: list[Tensor]) -> list[Tensor]:
     return norms(diffs)
 
 
+def distances_into(scratch: list[Tensor], tensors: list[Tensor], refs: list[Tensor]) -> list[Tensor]:
+    """distances(), writing each difference into a scratch tensor of the same shape (the consumed
+    W_before of this step): no fresh allocation of a model-sized buffer on a recorded step."""
+    if not tensors:
+        return []
+    if not all(s.device == t.device == r.device and s.dtype == t.dtype == r.dtype and s.shape == t.shape
+               and not is_sharded(t) for s, t, r in zip(scratch, tensors, refs)):
+        return distances(tensors, refs)
+    for s, t, r in zip(scratch, tensors, refs):
+        torch.sub(t.detach(), r, out=s)
+    return norms(scratch)
+
+
 def _scatter(n: int, where: list[int], values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     out = np.zeros(n, dtype=np.float32)
     measured = np.zeros(n, dtype=bool)
@@ -101,7 +114,7 @@ def step_metrics(params: list[Tensor], before: list[Tensor], refs: list[Tensor |
     with_grad = [k for k, p in enumerate(params) if p.grad is not None]
     g_norm = norms([params[k].grad for k in with_grad])
     with_ref = [k for k, r in enumerate(refs) if r is not None]
-    drift = distances([params[k] for k in with_ref], [refs[k] for k in with_ref])
+    drift = distances_into([before[k] for k in with_ref], [params[k] for k in with_ref], [refs[k] for k in with_ref])
     bref = [b for b, r in enumerate(buffer_refs) if r is not None]
     b_norm = norms(buffers)
     b_drift = distances([buffers[b] for b in bref], [buffer_refs[b] for b in bref])
