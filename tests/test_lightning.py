@@ -411,7 +411,7 @@ def test_an_internal_error_is_one_warning_and_training_is_unchanged(tmp_path, mo
         model = Net(max_lr=0.1)
         callbacks = []
         if watched:
-            def broken(*args):
+            def broken(*args, **kwargs):
                 raise RuntimeError("injected")
             monkeypatch.setattr(metrics, "step_metrics", broken)
             callbacks = [FreezeFrame(tmp_path / "run")]

@@ -24,9 +24,12 @@ def gathered(t: Tensor) -> Tensor:
 def content_hash(t: Tensor) -> str:
     """blake2b-128 of dtype, shape and C-contiguous bytes: bitwise identity (NaN == NaN, -0 != +0).
     A DTensor is hashed whole (its shards gathered), so the hash equals a single process's."""
+    return _digest(t, gathered(t.detach()))
+
+
+def _digest(t: Tensor, data: Tensor) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}|".encode())
-    data = gathered(t.detach())
     if data.device.type != "cpu":
         data = data.cpu()
     data = data.contiguous().reshape(-1)
@@ -35,10 +38,27 @@ def content_hash(t: Tensor) -> str:
     return h.hexdigest()
 
 
-def content_hashes(tensors: list[Tensor], *, threads: int = 2) -> list[str]:
+def content_hashes(tensors: list[Tensor], *, threads: int = 2, agree=None) -> list[str]:
     """Hash many tensors; hashlib releases the GIL on large inputs, so a small pool helps.
-    DTensors are gathered one after another on this thread (collectives in a fixed order)."""
-    if len(tensors) < 8 or threads <= 1 or any(is_sharded(t) for t in tensors):
-        return [content_hash(t) for t in tensors]
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(content_hash, tensors))
+
+    DTensors are gathered one after another on this thread (collectives in a fixed order, after
+    `agree()`, the ranks' agreement that none has failed). An error while hashing on this rank is
+    raised only after the last gather, so the other ranks are never left waiting in one."""
+    if not any(is_sharded(t) for t in tensors):
+        if len(tensors) < 8 or threads <= 1:
+            return [content_hash(t) for t in tensors]
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(content_hash, tensors))
+    if agree is not None:
+        agree()
+    out, error = [], None
+    for t in tensors:
+        data = gathered(t.detach())  # the collective
+        try:
+            out.append(_digest(t, data) if error is None else None)
+        except Exception as e:  # noqa: BLE001 - raised below, once every gather is done
+            error = e
+            out.append(None)
+    if error is not None:
+        raise error
+    return out

@@ -22,9 +22,11 @@ class BoundaryTracker:
       its state at the next stage's start.
     """
 
-    def __init__(self, params: list[torch.Tensor], buffers: list[torch.Tensor], hash_threads: int = 2):
+    def __init__(self, params: list[torch.Tensor], buffers: list[torch.Tensor], hash_threads: int = 2,
+                 agree=None):
         self.params, self.buffers = params, buffers
         self.threads = hash_threads
+        self.agree = agree  # called before gathering sharded tensors (see dist.Concord)
         self.baseline = self.hash_all()
         self.end_known = True              # the baseline is at or after the last applied step
         self._written: dict[int, str] = {}
@@ -33,7 +35,7 @@ class BoundaryTracker:
         self.buffer_copies = metrics.snapshot(buffers)
 
     def hash_all(self) -> list[str]:
-        return metrics.content_hashes(self.params + self.buffers, threads=self.threads)
+        return metrics.content_hashes(self.params + self.buffers, threads=self.threads, agree=self.agree)
 
     def detect_buffer_writes(self) -> None:
         for b, buf in enumerate(self.buffers):

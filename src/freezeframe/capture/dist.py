@@ -1,8 +1,13 @@
-"""torch.distributed, as the recorder needs it: who writes (rank 0), and agreeing on decisions."""
+"""torch.distributed, as the recorder needs it: who writes (rank 0), and how ranks agree before
+every collective so that a rank whose recorder failed never leaves the others waiting."""
 
 from __future__ import annotations
 
 import torch
+
+
+class PeerFailed(RuntimeError):
+    """Another rank's recorder failed: every rank stops recording together."""
 
 
 class Dist:
@@ -33,39 +38,60 @@ class Dist:
         return t.cpu().tolist()
 
 
-def agree_on_every(dist: Dist, sampler, *, failed: bool) -> None:
-    """Rank 0's `every` for all ranks, and whether any rank's recorder failed: one all_reduce that
-    every rank enters, a failed one too, so none is left waiting. Raises on the healthy ranks
-    when another failed: all ranks stop recording together."""
-    mine = sampler.every if (dist.writes and not failed) else 0
-    every, any_failed = dist.agree_max([float(mine or 0), 1.0 if failed else 0.0])
-    if failed:
-        return
-    if any_failed:
-        raise RuntimeError("another rank's recorder failed; all ranks stop recording together")
-    sampler.impose(int(every))
+class Concord:
+    """The failure protocol of a distributed recording.
 
+    Every collective of the recorder (the agreement on `every`, the cross-rank norms and the
+    gathers for content hashes under FSDP2) is preceded by an *agreement*: one small all_reduce
+    of (failed, value) on a control group of the recorder's own (gloo, on the CPU: no device
+    sync, and never interleaved with the training's collectives). A healthy rank enters it with
+    failed=0 and learns whether any rank failed; if one did, it raises `PeerFailed` and all ranks
+    stop recording before the collective, so none is left waiting in it.
 
-def join_agreement_when_due(dist: Dist, sampler, hookables: list, first_step_seen: bool) -> None:
-    """After a recorder failed under torch.distributed: still enter the one scheduled collective
-    (the calibration agreement) with the failure flag, counting steps as the sampler does."""
-    handles = []
-    seen = [first_step_seen]
+    A rank whose recorder fails cannot know where the others will next agree (that depends on
+    state it may have lost), so it posts its flag once, without waiting (an asynchronous
+    all_reduce): the others' next agreement, wherever it is, completes with it. Code between an
+    agreement and its collectives does its local work first or defers its errors until the
+    collectives are done (see `metrics.finish`, `hashing.content_hashes`)."""
 
-    def pre_step(*_):
-        if not seen[0]:  # this rank's first step: not counted by the sampler either
-            seen[0] = True
+    def __init__(self, dist: Dist):
+        self.dist = dist
+        self.on = dist.on and dist.world > 1
+        self.group = None
+        self._posted = None  # (tensor, work) of this rank's failure flag, kept alive until done
+        if self.on:
+            import torch.distributed as d
+
+            self.group = d.new_group(backend="gloo")  # every rank calls watch(): a collective creation
+
+    def agree(self, value: float = 0.0) -> float:
+        """Healthy ranks, before a collective: the maximum of `value` over ranks. Raises
+        PeerFailed when any rank has failed."""
+        if not self.on:
+            return value
+        import torch.distributed as d
+
+        t = torch.tensor([0.0, float(value)], dtype=torch.float64)
+        d.all_reduce(t, op=d.ReduceOp.MAX, group=self.group)
+        if t[0].item() > 0:
+            raise PeerFailed("another rank's recorder failed; all ranks stop recording together")
+        return t[1].item()
+
+    def check(self) -> None:
+        self.agree(0.0)
+
+    def fail(self, exc: BaseException) -> None:
+        """This rank's recorder failed (not because another did): post the flag, once, without
+        waiting for the other ranks."""
+        if not self.on or self._posted is not None or isinstance(exc, PeerFailed):
             return
-        if sampler.observe(None):
-            for h in handles:
-                h.remove()
-            try:
-                agree_on_every(dist, sampler, failed=True)
-            except Exception:  # noqa: BLE001 - the process group itself is gone
-                pass
+        import torch.distributed as d
 
-    for opt in hookables:
-        handles.append(opt.register_step_pre_hook(pre_step))
+        try:
+            t = torch.tensor([1.0, 0.0], dtype=torch.float64)
+            self._posted = (t, d.all_reduce(t, op=d.ReduceOp.MAX, group=self.group, async_op=True))
+        except Exception:  # noqa: BLE001 - the process group itself is gone: nobody is waiting
+            self._posted = (None, None)
 
 
 class NullWriter:

@@ -12,28 +12,65 @@ from ..hashing import content_hash, content_hashes, is_sharded  # noqa: F401 - p
 Tensor = torch.Tensor
 
 
-def norms(tensors: list[Tensor]) -> list[Tensor]:
+def norms(tensors: list[Tensor], deferred: list | None = None) -> list[Tensor]:
     """L2 norm of each tensor, as 0-dim float32 tensors on each tensor's own device (no sync).
 
     One fused `_foreach_norm` per (device, dtype) bucket; integer tensors are cast first.
-    DTensors (FSDP2) are bucketed by mesh and placements: their shards' partial norms are
-    combined across ranks in one all_reduce per bucket (a collective every rank enters), so
-    the norms equal a single process's."""
+    DTensors (FSDP2) are measured shard by shard on this rank; their squared partial norms are
+    summed across the ranks holding the shards (one all_reduce per bucket of the same mesh and
+    placements, a collective every rank enters), so the norms equal a single process's. With a
+    `deferred` list those reductions wait there until `finish(deferred)`: all local work first,
+    then the collectives, which a caller may precede with an agreement between ranks; the
+    entries for DTensors are None until then."""
     out: list[Tensor | None] = [None] * len(tensors)
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, t in enumerate(tensors):
         mesh = (t.device_mesh, tuple(t.placements)) if is_sharded(t) else None
         buckets[(t.device, t.dtype, mesh)].append(i)
+    pending = []
     for (device, dtype, mesh), idx in buckets.items():
         group = [tensors[i].detach() for i in idx]
+        if mesh is not None:
+            bad = [pl for pl in mesh[1] if not (pl.is_shard() or pl.is_replicate())]
+            if bad:
+                raise NotImplementedError(f"norms of a DTensor placed {bad[0]}")
+            group = [t.to_local() for t in group]
         if not dtype.is_floating_point and not dtype.is_complex:
             group = [t.double() for t in group]
         res = torch._foreach_norm(group)
-        if mesh is not None:
-            res = torch.stack(res).full_tensor().unbind(0)  # the all_reduce
-        for i, r in zip(idx, res):
-            out[i] = r.float()
+        if mesh is None:
+            for i, r in zip(idx, res):
+                out[i] = r.float()
+        else:
+            pending.append(_Partial(torch.stack(res).double().square(), mesh, idx, out))
+    if deferred is None:
+        finish(pending)
+    else:
+        deferred.extend(pending)
     return out  # type: ignore[return-value]
+
+
+class _Partial:
+    """Squared norms of this rank's shards, to be summed over the mesh dimensions they are sharded on."""
+
+    def __init__(self, squares: Tensor, mesh: tuple, idx: list[int], out: list):
+        self.squares, self.mesh, self.idx, self.out = squares, mesh, idx, out
+
+
+def finish(deferred: list) -> None:
+    """The cross-rank reductions that `norms(..., deferred)` left: every collective first (every
+    rank, same order), then the results filled in."""
+    import torch.distributed as d
+
+    for p in deferred:
+        mesh, placements = p.mesh
+        for dim, placement in enumerate(placements):
+            if placement.is_shard():  # (replicated dimensions hold the same shard: nothing to add)
+                d.all_reduce(p.squares, op=d.ReduceOp.SUM, group=mesh.get_group(dim))
+    for p in deferred:
+        for i, r in zip(p.idx, p.squares.sqrt().float().unbind(0)):
+            p.out[i] = r
+    deferred.clear()
 
 
 def to_host(values: list[Tensor]) -> np.ndarray:
@@ -62,16 +99,17 @@ def snapshot(tensors: list[Tensor]) -> list[Tensor]:
     return copies
 
 
-def update_norms(before: list[Tensor], after: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+def update_norms(before: list[Tensor], after: list[Tensor], deferred: list | None = None
+                 ) -> tuple[list[Tensor], list[Tensor]]:
     """(||W_before||, ||W_after - W_before||) for each pair; `before` is consumed (overwritten)."""
     if not before:
         return [], []
-    before_norms = norms(before)
+    before_norms = norms(before, deferred)
     torch._foreach_sub_(before, [a.detach() for a in after])  # before := before - after
-    return before_norms, norms(before)
+    return before_norms, norms(before, deferred)
 
 
-def distances(tensors: list[Tensor], refs: list[Tensor]) -> list[Tensor]:
+def distances(tensors: list[Tensor], refs: list[Tensor], deferred: list | None = None) -> list[Tensor]:
     """||t - ref|| for each pair (ref may live on another device: then it is copied over)."""
     if not tensors:
         return []
@@ -80,20 +118,30 @@ def distances(tensors: list[Tensor], refs: list[Tensor]) -> list[Tensor]:
         diffs = torch._foreach_sub([t.detach() for t in tensors], refs)
     else:
         diffs = [t.detach() - r.to(device=t.device, dtype=t.dtype) for t, r in zip(tensors, refs)]
-    return norms(diffs)
+    return norms(diffs, deferred)
 
 
-def distances_into(scratch: list[Tensor], tensors: list[Tensor], refs: list[Tensor]) -> list[Tensor]:
+def distances_into(scratch: list[Tensor], tensors: list[Tensor], refs: list[Tensor],
+                   deferred: list | None = None) -> list[Tensor]:
     """distances(), writing each difference into a scratch tensor of the same shape (the consumed
     W_before of this step): no fresh allocation of a model-sized buffer on a recorded step."""
     if not tensors:
         return []
     if not all(s.device == t.device == r.device and s.dtype == t.dtype == r.dtype and s.shape == t.shape
                and not is_sharded(t) for s, t, r in zip(scratch, tensors, refs)):
-        return distances(tensors, refs)
+        return distances(tensors, refs, deferred)
     for s, t, r in zip(scratch, tensors, refs):
         torch.sub(t.detach(), r, out=s)
-    return norms(scratch)
+    return norms(scratch, deferred)
+
+
+def _reduced(deferred: list, agree) -> None:
+    """The deferred cross-rank reductions, preceded by the ranks' agreement (which raises,
+    before any collective, when another rank's recorder has failed)."""
+    if deferred:
+        if agree is not None:
+            agree()
+        finish(deferred)
 
 
 def _scatter(n: int, where: list[int], values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -105,19 +153,22 @@ def _scatter(n: int, where: list[int], values: np.ndarray) -> tuple[np.ndarray, 
 
 
 def step_metrics(params: list[Tensor], before: list[Tensor], refs: list[Tensor | None],
-                 buffers: list[Tensor], buffer_refs: list[Tensor | None]) -> tuple[tuple, tuple]:
+                 buffers: list[Tensor], buffer_refs: list[Tensor | None], agree=None) -> tuple[tuple, tuple]:
     """The metrics of one recorded step, after it: for each param (W_before given, consumed) and
     buffer, (values, measured) pairs of grad_norm, update_norm, param_norm (||W_before||) and
     drift (||W - W_ref||). Gradients are read now, after the step (a closure may run inside it).
-    One host sync for everything."""
-    p_norm, u_norm = update_norms(before, params)
+    One host sync for everything. Under FSDP2 the cross-rank sums come last, after `agree()`."""
+    deferred: list = []
+    p_norm, u_norm = update_norms(before, params, deferred)
     with_grad = [k for k, p in enumerate(params) if p.grad is not None]
-    g_norm = norms([params[k].grad for k in with_grad])
+    g_norm = norms([params[k].grad for k in with_grad], deferred)
     with_ref = [k for k, r in enumerate(refs) if r is not None]
-    drift = distances_into([before[k] for k in with_ref], [params[k] for k in with_ref], [refs[k] for k in with_ref])
+    drift = distances_into([before[k] for k in with_ref], [params[k] for k in with_ref], [refs[k] for k in with_ref],
+                           deferred)
     bref = [b for b, r in enumerate(buffer_refs) if r is not None]
-    b_norm = norms(buffers)
-    b_drift = distances([buffers[b] for b in bref], [buffer_refs[b] for b in bref])
+    b_norm = norms(buffers, deferred)
+    b_drift = distances([buffers[b] for b in bref], [buffer_refs[b] for b in bref], deferred)
+    _reduced(deferred, agree)
     host = to_host(p_norm + u_norm + g_norm + drift + b_norm + b_drift)  # the one sync
     parts = np.split(host, np.cumsum([len(p_norm), len(u_norm), len(g_norm), len(drift), len(b_norm)]))
     n, B = len(params), len(buffers)
@@ -126,11 +177,16 @@ def step_metrics(params: list[Tensor], before: list[Tensor], refs: list[Tensor |
             (none, none, (parts[4], None), _scatter(B, bref, parts[5])))
 
 
-def state_metrics(tensors: list[Tensor], refs: list[Tensor | None], skip: list[bool] | None = None) -> dict:
+def state_metrics(tensors: list[Tensor], refs: list[Tensor | None], skip: list[bool] | None = None,
+                  agree=None) -> dict:
     """Exact ||W|| and ||W - W_ref|| of every tensor now (a stage end); None where `skip` or no ref."""
     n = len(tensors)
     keep = [i for i in range(n) if refs[i] is not None]
-    host = to_host(norms(tensors) + distances([tensors[i] for i in keep], [refs[i] for i in keep]))
+    deferred: list = []
+    pn_t = norms(tensors, deferred)
+    dr_t = distances([tensors[i] for i in keep], [refs[i] for i in keep], deferred)
+    _reduced(deferred, agree)
+    host = to_host(pn_t + dr_t)
     pn = [float(x) if np.isfinite(x) else None for x in host[:n]]
     dr: list = [None] * n
     for k, i in enumerate(keep):

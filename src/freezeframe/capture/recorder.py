@@ -23,7 +23,7 @@ from ..store import writer as store
 from . import metrics
 from .boundaries import BoundaryTracker
 from .columns import Columns
-from .dist import Dist, NullWriter, agree_on_every, join_agreement_when_due
+from .dist import Concord, Dist, NullWriter, PeerFailed
 from .scaler import ScalerWatch
 from .session import Options, check_same_model, load_or_create_reference, versions
 from .modelmap import build_model_map
@@ -53,34 +53,42 @@ class Recorder:
             optimizers = [optimizers]
         self._views: list[OptimizerView] = [as_view(o) for o in optimizers]
         self.sampler = Sampler(every, self.options.budget)
-        self.model = model
-        self.map = build_model_map(model)
-        self._params = self.map.param_tensors
-        self._buffers = self.map.buffer_tensors
-        self._names = self.map.names
-        self._P, self._B = len(self._params), len(self._buffers)
-        self._index_of = {id(p): i for i, p in enumerate(self._params)}
-
-        # Under torch.distributed every rank records (so all take the same decisions), rank 0 writes.
+        # Under torch.distributed every rank records (so all take the same decisions), rank 0
+        # writes, and the ranks agree before each collective (dist.Concord): set up first, before
+        # anything that could fail on one rank only.
         self._dist = Dist()
-        if self._dist.writes:
-            self.path, existing = store.prepare_run_dir(run_dir, mode)
-        else:
-            self.path, existing = Path(run_dir), None
-        self._stages: list[StageRecord] = []
-        self._sessions: list[dict] = []
-        self._step = 0
-        self._created = time.time()
-        if existing is not None:
-            self._adopt(existing)
-        self._lock = store.acquire_lock(self.path) if self._dist.writes else None
+        self._concord = Concord(self._dist)
+        self.model = model
+        self.path = run_dir
         self._handles: list = []
+        self._lock = None
         self._closed = False
         self._dead = False
         try:
+            self.map = build_model_map(model)
+            self._params = self.map.param_tensors
+            self._buffers = self.map.buffer_tensors
+            self._names = self.map.names
+            self._P, self._B = len(self._params), len(self._buffers)
+            self._index_of = {id(p): i for i, p in enumerate(self._params)}
+            if self._dist.writes:
+                self.path, existing = store.prepare_run_dir(run_dir, mode)
+            else:
+                self.path, existing = Path(run_dir), None
+            self._stages: list[StageRecord] = []
+            self._sessions: list[dict] = []
+            self._step = 0
+            self._created = time.time()
+            if existing is not None:
+                self._adopt(existing)
+            self._lock = store.acquire_lock(self.path) if self._dist.writes else None
+        except BaseException as e:
+            self._concord.fail(e)  # the other ranks stop at their first agreement
+            raise
+        try:
             self._ref, self._ref_norms = load_or_create_reference(
                 self.path, self._names, self._params + self._buffers, existing, self.options,
-                save=self._dist.writes)
+                save=self._dist.writes, agree=self._concord.agree)
             self.session = len(self._sessions)
             self._sessions.append({
                 "index": self.session, "pid": os.getpid(), "host": socket.gethostname(),
@@ -97,11 +105,13 @@ class Recorder:
             self._init_state()
             self._install_hooks()
             self._flush()
-        except FreezeFrameError:
+        except FreezeFrameError as e:
+            self._concord.fail(e)
             self._remove_hooks()
             self._unlock()
             raise
         except Exception as e:  # noqa: BLE001 - an internal error must not stop the user's training
+            self._concord.fail(e)
             self._remove_hooks()
             self._unlock()
             if getattr(self, "_finalizer", None) is not None:
@@ -144,7 +154,8 @@ class Recorder:
         self._count_forwards = True
         self._structure_checked = time.perf_counter()
         self._warned: set[str] = set()
-        self._bounds = BoundaryTracker(self._params, self._buffers, self.options.hash_threads)
+        self._bounds = BoundaryTracker(self._params, self._buffers, self.options.hash_threads,
+                                       agree=self._concord.check)
         self._book = StageBook(stages=self._stages, session=self.session, names=self._names, params=self._params,
                                buffers=self._buffers, bounds=self._bounds, views=self._views, refs=self._ref,
                                skips_known=self.options.skips_known or self.options.scaler is not None,
@@ -193,12 +204,11 @@ class Recorder:
             return
         self._dead = True
         self._remove_hooks()
-        if self._dist.on and self.sampler.calibrating and not self._closed:
-            join_agreement_when_due(self._dist, self.sampler, [v.hookable for v in self._views if v.hookable],
-                                    self._last_pre_t is not None)
-        warnings.warn(f"freezeframe stopped recording {str(self.path)!r} after an internal error in {where}: "
-                      f"{type(exc).__name__}: {exc}. Training is not affected; steps recorded so far are kept.",
-                      RuntimeWarning, stacklevel=3)
+        self._concord.fail(exc)  # the other ranks stop at their next agreement, wherever it is
+        what = (f"in {where}: {exc}" if isinstance(exc, PeerFailed)
+                else f"after an internal error in {where}: {type(exc).__name__}: {exc}")
+        warnings.warn(f"freezeframe stopped recording {str(self.path)!r} {what}. "
+                      "Training is not affected; steps recorded so far are kept.", RuntimeWarning, stacklevel=3)
         log.debug("freezeframe internal error", exc_info=exc)
         self._error = f"{where}: {type(exc).__name__}: {exc}"
         try:
@@ -330,7 +340,8 @@ class Recorder:
                 + ". To record a different model, start a new run.", RuntimeWarning, stacklevel=4)
 
     def _agree_every(self) -> None:
-        agree_on_every(self._dist, self.sampler, failed=False)
+        """Rank 0's `every`, for every rank (one agreement, on the same step everywhere)."""
+        self.sampler.impose(int(self._concord.agree(self.sampler.every if self._dist.writes else 0)))
         self._sessions[self.session]["every"] = self.sampler.every
         self._sessions[self.session]["calibration"] = self.sampler.measured
 
@@ -375,7 +386,7 @@ class Recorder:
     def _record_metrics(self, step: int, cand: list[int], before: list[torch.Tensor]) -> None:
         P = self._P
         pcols, bcols = metrics.step_metrics([self._params[i] for i in cand], before, [self._ref[i] for i in cand],
-                                            self._buffers, self._ref[P:])
+                                            self._buffers, self._ref[P:], agree=self._concord.check)
         self._cols.add_tensors(step, np.asarray(cand, dtype=np.int32), *pcols)
         if self._B:
             self._cols.add_tensors(step, np.arange(P, P + self._B, dtype=np.int32), *bcols)
@@ -504,6 +515,7 @@ class Recorder:
         (integrations call this at the end of each fit: a Learner has no "closed" event)."""
         def _settle():
             self._capture_end()
+            self._concord.check()  # learn of another rank's failure here at the latest
             self._flush(complete=True)
             self._writer.drain()
         self._guard("settle()", _settle)
@@ -526,6 +538,7 @@ class Recorder:
         try:
             if not self._dead:
                 self._capture_end()
+                self._concord.check()  # learn of another rank's failure here at the latest
                 self._sessions[self.session]["ended"] = time.time()
                 self._flush(complete=complete)
                 self._writer.close()

@@ -75,14 +75,15 @@ def versions(extra: dict) -> dict:
 
 
 def load_or_create_reference(path: Path, names: list[str], tensors: list[torch.Tensor], existing: dict | None,
-                              options: Options, *, save: bool = True) -> tuple[list, list]:
+                              options: Options, *, save: bool = True, agree=None) -> tuple[list, list]:
     """W_ref for each tensor (None where unknown) and ||W_ref||. A new run stores the model as
     it is now in reference.safetensors; an appended run reads it back.
 
     DTensors (FSDP2): the stored reference is the gathered whole tensor; W_ref for drift is a
     shard like the parameter's, so drift is measured shard by shard and combined like every
-    norm. Only rank 0 knows whether the run exists: all ranks agree on it first, so all take
-    the same collectives in the same order."""
+    norm. Only rank 0 knows whether the run exists: all ranks agree on it first (`agree(value)`,
+    the maximum over ranks, which raises when another rank's recorder failed), so all take the
+    same collectives in the same order."""
     from safetensors.torch import load_file, save_file
 
     refs: list[torch.Tensor | None] = [None] * len(tensors)
@@ -92,8 +93,8 @@ def load_or_create_reference(path: Path, names: list[str], tensors: list[torch.T
     device = options.reference_device
     sharded = [metrics.is_sharded(t) for t in tensors]
     appending = existing is not None
-    if any(sharded):
-        appending = Dist().agree_max([1.0 if appending else 0.0])[0] > 0
+    if any(sharded) and agree is not None:
+        appending = agree(1.0 if appending else 0.0) > 0
     if appending:
         stored = load_file(str(ref_file)) if existing is not None and ref_file.exists() else {}
         for i, (name, t) in enumerate(zip(names, tensors)):
@@ -103,8 +104,16 @@ def load_or_create_reference(path: Path, names: list[str], tensors: list[torch.T
         if any(sharded):
             _distribute_stored(refs, names, tensors, sharded, stored)
         return refs, list((existing or {}).get("ref_norms") or [None] * len(tensors))
+    cpu, error = {}, None
     with torch.no_grad():  # DTensors gathered whole, one after another on every rank
-        cpu = {name: gathered(t.detach()).to("cpu", copy=True).contiguous() for name, t in zip(names, tensors)}
+        for name, t in zip(names, tensors):
+            data = gathered(t.detach())  # the collective
+            try:  # an error here is raised after the last gather: no rank is left waiting in one
+                cpu[name] = data.to("cpu", copy=True).contiguous()
+            except Exception as e:  # noqa: BLE001
+                error = error or e
+    if error is not None:
+        raise error
     if save:
         save_file(cpu, str(ref_file))
     for i, (name, t) in enumerate(zip(names, tensors)):

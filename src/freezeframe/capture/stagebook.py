@@ -40,7 +40,7 @@ class StageBook:
     def begin(self, trainable: list[int], layout: GroupLayout, step: int) -> StageRecord:
         """The first applied step of a new stage is about to run: hash its start, close the
         previous stage if its end was not known yet, and judge continuity."""
-        now_p = metrics.content_hashes(self.params, threads=self.hash_threads)
+        now_p = metrics.content_hashes(self.params, threads=self.hash_threads, agree=self.bounds.agree)
         prev = self.current
         if prev is not None and not self.bounds.end_known:
             # An automatic boundary, found only now: the previous stage's end is proved by
@@ -91,7 +91,7 @@ class StageBook:
         were written after the stage's last step: their end state is unknown)."""
         stage.end_hashes = end_hashes
         stage.end_kind = kind
-        stage.end_metrics = metrics.state_metrics(tensors, self.refs, skip)
+        stage.end_metrics = metrics.state_metrics(tensors, self.refs, skip, agree=self.bounds.agree)
         stage.optimizer_state_end = [v.state_count() for v in self.views]
         stage.complete = True
 
