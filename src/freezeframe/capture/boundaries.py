@@ -38,11 +38,13 @@ class BoundaryTracker:
         return metrics.content_hashes(self.params + self.buffers, threads=self.threads, agree=self.agree)
 
     def detect_buffer_writes(self) -> None:
-        for b, buf in enumerate(self.buffers):
-            v = buf._version
-            if v != self._buf_versions[b]:
-                self._buf_versions[b] = v
-                self._written[b] = metrics.content_hash(buf)
+        versions = [b._version for b in self.buffers]
+        if versions == self._buf_versions:  # the usual case, checked at C speed
+            return
+        for b, (v, v0) in enumerate(zip(versions, self._buf_versions)):
+            if v != v0:
+                self._written[b] = metrics.content_hash(self.buffers[b])
+        self._buf_versions = versions
 
     def after_forward(self) -> None:
         self._buf_versions = [b._version for b in self.buffers]

@@ -143,6 +143,8 @@ class Recorder:
         self._count_idx = [np.union1d(m, self._layout.orphans) for m in self._layout.members]
         self._grad_flags = np.zeros(P, dtype=np.uint8)
         self._hooked = np.zeros(P, dtype=bool)
+        self._req_flags: list[bool] | None = None  # requires_grad per tensor at the last step
+        self._trainable: list[int] = []
         self._pending_train_fwd = 0
         self._pending: dict | None = None
         self._own_s = 0.0                       # time spent in our hooks since the last pre-step
@@ -178,11 +180,15 @@ class Recorder:
     def _hook_new_trainable(self) -> None:
         """Place a post-accumulate-grad hook on every trainable tensor that has none yet (a hook
         cannot be placed on a frozen tensor; tensors unfrozen later get theirs at the next forward)."""
+        me = weakref.ref(self)  # (see _weak: hooks must not keep the recorder alive)
         for i in np.flatnonzero(~self._hooked):
             p = self._params[i]
             if p.requires_grad:
-                self._handles.append(p.register_post_accumulate_grad_hook(
-                    functools.partial(_weak(self._hook_grad), int(i))))
+                def on_grad(param, i=int(i)):  # runs once per tensor per backward: kept to one call
+                    rec = me()
+                    if rec is not None:
+                        rec._hook_grad(i, param)
+                self._handles.append(p.register_post_accumulate_grad_hook(on_grad))
                 self._hooked[i] = True
 
     def _unlock(self) -> None:
@@ -222,17 +228,24 @@ class Recorder:
         self._unlock()
         self._closed = True
 
-    def _guard(self, where: str, fn, *args):
+    def _guard(self, where: str, fn, *args, grad_off: bool = True):
+        """Run one of the recorder's entry points: its errors become `_fail`, its time counts as
+        the recorder's own, and autograd records nothing of it (`grad_off`; the forward hooks
+        do no tensor arithmetic and skip the switch: they run on every forward pass)."""
         if self._dead:
             return None
         t0 = time.perf_counter()
+        was = torch.is_grad_enabled() if grad_off else False
+        if was:
+            torch._C._set_grad_enabled(False)
         try:
-            with torch.no_grad():
-                return fn(*args)
+            return fn(*args)
         except Exception as e:  # noqa: BLE001
             self._fail(where, e)
             return None
         finally:
+            if was:
+                torch._C._set_grad_enabled(True)
             self._own_s += time.perf_counter() - t0
 
     def _hook_pre_step(self, j, optimizer, args, kwargs):
@@ -254,10 +267,10 @@ class Recorder:
             self._fail("the gradient hook", e)
 
     def _hook_forward_pre(self, module, args):
-        self._guard("the forward pre-hook", self._forward_pre, module, torch.is_grad_enabled())
+        self._guard("the forward pre-hook", self._forward_pre, module, torch.is_grad_enabled(), grad_off=False)
 
     def _hook_forward_post(self, module, args, output):
-        self._guard("the forward hook", self._forward_post)
+        self._guard("the forward hook", self._forward_post, grad_off=False)
 
     # ------------------------------------------------------------------ forward passes
     def _forward_pre(self, module, grad_enabled: bool) -> None:
@@ -299,8 +312,12 @@ class Recorder:
         if view.membership_key() != self._layout.key[j]:
             self._layout = build_layout(self._views, self._index_of, self._P)
             self._count_idx = [np.union1d(m, self._layout.orphans) for m in self._layout.members]
-        trainable = [i for i, p in enumerate(self._params) if p.requires_grad]
-        if not self._hooked[trainable].all():
+        flags = [p.requires_grad for p in self._params]
+        if flags != self._req_flags:  # the trainable set changed (or a tensor was rebound)
+            self._req_flags = flags
+            self._trainable = [i for i, f in enumerate(flags) if f]
+        trainable = self._trainable
+        if not self._hooked.all() and not self._hooked[trainable].all():
             # Unfrozen without a forward of the root module since (Lightning's training_step may
             # call submodules only): hooked now, before a closure's backward inside step() runs.
             self._hook_new_trainable()
@@ -353,11 +370,16 @@ class Recorder:
         step = self._step
         rec_s = pending["rec_s"]
         idx = self._count_idx[j]
-        got = self._grad_flags[idx]
-        stage.grad_steps[idx] += got
-        mask = np.zeros(self._P, dtype=np.uint8)
-        mask[idx] = got
-        self._grad_flags[idx] = 0
+        if len(idx) == self._P:  # the usual case: one optimizer, every tensor counted by it
+            mask = np.array(self._grad_flags[:])
+            stage.grad_steps += mask
+            self._grad_flags[:] = 0
+        else:
+            got = self._grad_flags[idx]
+            stage.grad_steps[idx] += got
+            mask = np.zeros(self._P, dtype=np.uint8)
+            mask[idx] = got
+            self._grad_flags[idx] = 0
         hypers = pending["hypers"]
         self._cols.add_step(step, stage.index, self.session, j, time.time(), pending["recorded"],
                             [h[0] for h in hypers], [h[1] for h in hypers], [h[2] for h in hypers],
