@@ -346,7 +346,7 @@ def test_an_internal_error_is_one_warning_and_training_goes_on(tmp_path, monkeyp
     def broken(*args, **kwargs):
         raise ValueError("simulated")
 
-    monkeypatch.setattr(ff_fastai, "_nominal_peaks", broken)
+    monkeypatch.setattr(ff_fastai, "nominal_peaks", broken)
     cb = watching(tmp_path / "run", every=1)
     learn = custom_learner(tmp_path, seed=4, cbs=[cb])
     with pytest.warns(RuntimeWarning, match="freezeframe stopped recording.*simulated") as caught:

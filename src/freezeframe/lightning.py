@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -16,25 +14,10 @@ except ImportError:  # only the standalone `pytorch_lightning` package is instal
 
 from .capture.session import Options
 from .errors import FreezeFrameError
+from .integrations.events import guarded_event, warn_stopped
 from .store.writer import MODES
 
 __all__ = ["FreezeFrame"]
-
-
-def _event(fn):
-    """Run a hook; an internal error becomes one warning and recording stops (training goes on).
-    A FreezeFrameError (bad input: a run directory of another model) is raised."""
-    @functools.wraps(fn)
-    def hook(self, *args, **kwargs):
-        if self._failed:
-            return
-        try:
-            fn(self, *args, **kwargs)
-        except FreezeFrameError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            self._fail(fn.__name__, e)
-    return hook
 
 
 class FreezeFrame(Callback):
@@ -75,7 +58,7 @@ class FreezeFrame(Callback):
     # ------------------------------------------------------------------ hooks
     # The recorder starts at on_train_start: after Lightning has built the optimizers, restored a
     # checkpoint (weights, optimizer state, the epoch counter) and run the sanity check.
-    @_event
+    @guarded_event
     def on_train_start(self, trainer, pl_module) -> None:
         self._close()  # a fit whose teardown never reached us
         from .capture.recorder import Recorder
@@ -96,7 +79,7 @@ class FreezeFrame(Callback):
         self._rec.begin_stage("fit", epochs=_planned_epochs(trainer), meta=_fit_facts(trainer))
         self._rec.set_counting(True)
 
-    @_event
+    @guarded_event
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._rec is not None:
             self._steps_at_batch_start = self._rec.steps
@@ -104,7 +87,7 @@ class FreezeFrame(Callback):
             # tensors unfrozen since (BackboneFinetuning) get their gradient hooks now
             self._rec.prepare_batch()
 
-    @_event
+    @guarded_event
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         rec = self._rec
         if rec is None or rec.steps == self._steps_at_batch_start:
@@ -116,7 +99,7 @@ class FreezeFrame(Callback):
                 loss = loss * trainer.accumulate_grad_batches
             rec.log(loss=loss)  # a sync point on an accelerator, as Lightning's own logging of the loss
 
-    @_event
+    @guarded_event
     def teardown(self, trainer, pl_module, stage) -> None:
         # After every on_fit_end (callbacks' and the LightningModule's): the model as fit returns it.
         if getattr(stage, "value", stage) == "fit" and self._rec is not None:
@@ -133,11 +116,12 @@ class FreezeFrame(Callback):
         if rec is not None:
             rec.close(complete=complete)  # the recorder turns its own errors into a warning
 
-    def _fail(self, where: str, exc: BaseException) -> None:
+    def _ff_failed(self) -> bool:
+        return self._failed
+
+    def _ff_fail(self, where: str, exc: BaseException) -> None:
         self._failed = True
-        warnings.warn(f"freezeframe stopped recording {str(self.run_dir)!r} after an internal error in the Lightning "
-                      f"callback ({where}): {type(exc).__name__}: {exc}. Training is not affected; steps recorded "
-                      "so far are kept.", RuntimeWarning, stacklevel=3)
+        warn_stopped(self.run_dir, "Lightning", where, exc)
         try:
             self._close(complete=False)
         except Exception:  # noqa: BLE001

@@ -92,7 +92,6 @@ def build_summary(run: StoredRun) -> dict:
     params = m["model"]["params"]
     buffers = m["model"]["buffers"]
     P, B = len(params), len(buffers)
-    names = [p["name"] for p in params] + [b["name"] for b in buffers]
     ref_norms = list(m.get("ref_norms") or [None] * (P + B))
     view = step_view(run)
     agg = per_stage_tensor(view, P + B)

@@ -1,0 +1,1 @@
+"""Helpers shared by the framework integrations (freezeframe.fastai, freezeframe.lightning)."""
