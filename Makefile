@@ -39,8 +39,11 @@ test: venv browser
 demo: venv
 	$(VENV)/bin/freezeframe demo
 
+# The overhead of watching (freezeframe and its peers) and the report's cost at scale; both
+# write their tables into docs/benchmarks.md. Not part of `make test`.
 bench: venv
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/report_scaling.py
 
 soak: venv
 	HF_HUB_OFFLINE=1 FREEZEFRAME_SOAK=1 $(PY) -m pytest tests/soak -q -s
