@@ -1,4 +1,11 @@
-"""Vectorised aggregates of the stored step tables (numpy; no per-row Python)."""
+"""Vectorised aggregates of the stored step tables (numpy; no per-row Python).
+
+The tensor table of a long run holds tens of millions of rows, so everything here is linear in the
+rows and keeps the stored widths: float32 measurements stay float32 (a computation that needs
+float64 converts only the slice it works on) and integer columns keep their stored width. Rows are
+grouped by (stage, tensor) keys, which take few distinct values, through dense codes and numpy's
+radix sort of 16-bit keys instead of a comparison sort of 64-bit keys.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,8 @@ import pyarrow as pa
 
 from ..store.reader import StoredRun
 
+_CHUNK = 1 << 23  # rows per block of the stage lookup (bounds its temporaries)
+
 
 def _col(table: pa.Table, name: str, dtype=np.float64) -> np.ndarray:
     """A column as numpy with nulls as NaN (floats) or -1 (ints)."""
@@ -18,34 +27,88 @@ def _col(table: pa.Table, name: str, dtype=np.float64) -> np.ndarray:
     return arr.fill_null(-1).to_numpy(zero_copy_only=False).astype(dtype)
 
 
-def grouped_median(keys: np.ndarray, values: np.ndarray) -> dict[int, float]:
-    """Exact median of `values` per integer key (one stable sort of the keys, then a linear-time
-    selection per group)."""
+def _stored(table: pa.Table, name: str) -> np.ndarray:
+    """A column as numpy in its stored type (float32 stays float32): nulls as NaN (floats) or -1
+    (ints), copied only where Arrow's layout requires it."""
+    arr = table.column(name)
+    if pa.types.is_integer(arr.type) and arr.null_count:
+        arr = arr.fill_null(-1)
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def _codes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, key_of_code): each key as a small non-negative int code, and the key each code
+    stands for (ascending). Keys spanning a range not much wider than their count are coded by
+    their offset from the smallest (O(n), no sort; a code may then stand for no row); others go
+    through np.unique."""
+    lo, hi = int(keys.min()), int(keys.max())
+    span = hi - lo + 1
+    if span > len(keys) + (1 << 16):
+        uniq, inv = np.unique(keys, return_inverse=True)
+        return inv.reshape(-1), uniq
+    dtype = np.uint16 if span <= 1 << 16 else np.uint32 if span <= 1 << 32 else np.int64
+    return (keys - keys.dtype.type(lo)).astype(dtype), np.arange(lo, hi + 1, dtype=np.int64)
+
+
+def stable_order(codes: np.ndarray) -> np.ndarray:
+    """What np.argsort(codes, kind="stable") returns, for non-negative integer codes, in linear
+    time below 2**32: numpy radix-sorts 16-bit keys, and two stable passes (the low 16 bits, then
+    the high 16 bits) order by the whole code."""
+    top = int(codes.max()) if len(codes) else 0
+    if top < 1 << 16:
+        return np.argsort(codes.astype(np.uint16, copy=False), kind="stable")
+    if top < 1 << 32:
+        order = np.argsort((codes & 0xFFFF).astype(np.uint16), kind="stable")
+        return order[np.argsort((codes[order] >> 16).astype(np.uint16), kind="stable")]
+    return np.argsort(codes, kind="stable")
+
+
+def grouped_median(keys: np.ndarray, values: np.ndarray, divisor: np.ndarray | None = None) -> dict[int, float]:
+    """Exact median (np.median, in float64) of `values` per integer key; with `divisor`, of
+    `values / divisor` computed in float64 one group at a time (never for all rows at once).
+
+    Each group's values reach np.median in their original row order (a stable sort by key), so
+    the result is the one np.median gives on the rows of that key, ties and even counts included."""
     if len(keys) == 0:
         return {}
-    order = np.argsort(keys, kind="stable")
-    k, v = keys[order], values[order]
-    starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
-    ends = np.r_[starts[1:], len(k)]
-    return {int(k[s]): float(np.median(v[s:e])) for s, e in zip(starts, ends)}
+    codes, key_of = _codes(keys)
+    order = stable_order(codes)
+    counts = np.bincount(codes, minlength=len(key_of))
+    present = np.flatnonzero(counts)
+    ends = np.cumsum(counts)[present]
+    starts = ends - counts[present]
+    v = values[order]
+    d = divisor[order] if divisor is not None else None
+    del order
+    out = {}
+    for c, s, e in zip(present.tolist(), starts.tolist(), ends.tolist()):
+        seg = v[s:e].astype(np.float64)
+        if d is not None:
+            seg /= d[s:e].astype(np.float64)
+        out[int(key_of[c])] = float(np.median(seg))
+    return out
 
 
 def last_per_key(keys: np.ndarray, steps: np.ndarray, values: np.ndarray) -> dict[int, float]:
-    """The value at the largest step of each key."""
+    """The value at the largest step of each key (of the last such row when a key has several
+    rows at that step)."""
     if len(keys) == 0:
         return {}
-    uniq, inv = np.unique(keys, return_inverse=True)
-    best = np.full(len(uniq), -1, dtype=np.int64)
-    np.maximum.at(best, inv, steps)
-    rows = np.flatnonzero(steps == best[inv])
-    out = np.empty(len(uniq), dtype=np.float64)
-    out[inv[rows]] = values[rows]
-    return dict(zip(uniq.tolist(), out.tolist()))
+    codes, key_of = _codes(keys)
+    present = np.bincount(codes, minlength=len(key_of)) > 0
+    best = np.full(len(key_of), -1, dtype=np.int64)
+    np.maximum.at(best, codes, steps)
+    rows = np.flatnonzero(steps == best[codes])
+    out = np.empty(len(key_of), dtype=np.float64)
+    out[codes[rows]] = values[rows]
+    return dict(zip(key_of[present].tolist(), out[present].tolist()))
 
 
 @dataclass
 class StepView:
-    """The stored rows in numpy form, with each tensor row's stage."""
+    """The stored rows in numpy form, with each tensor row's stage. Tensor-row columns keep their
+    stored types: step int64, tensor and stage int32 (-1: null, or a step with no step row), the
+    measurements float32 with NaN for null."""
 
     step: np.ndarray          # per step row
     stage: np.ndarray
@@ -64,14 +127,44 @@ class StepView:
     nonfinite: np.ndarray     # per tensor row: a measured value is NaN or Inf
 
 
-def _measured_nonfinite(table: pa.Table) -> np.ndarray:
+def _measured_nonfinite(table: pa.Table, columns: dict[str, np.ndarray]) -> np.ndarray:
+    """Rows where a measured (non-null) value is NaN or Inf; `columns` holds the float columns
+    with nulls as NaN."""
     bad = np.zeros(table.num_rows, dtype=bool)
-    for name in ("grad_norm", "update_norm", "param_norm", "drift"):
+    for name, values in columns.items():
         col = table.column(name)
-        valid = col.is_valid().to_numpy(zero_copy_only=False)
-        values = col.to_numpy(zero_copy_only=False)
-        bad |= valid & ~np.isfinite(values)
+        nonfinite = ~np.isfinite(values)
+        if col.null_count:
+            nonfinite &= col.is_valid().to_numpy(zero_copy_only=False)
+        bad |= nonfinite
     return bad
+
+
+def stage_of_rows(step: np.ndarray, stage: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """The stage (int32) of each step in `at`, -1 where no step row has that step. Of equal steps,
+    the first in np.argsort(step) order counts (the row a left searchsorted finds). A dense table
+    over the step range when it is compact, a binary search otherwise."""
+    out = np.full(len(at), -1, dtype=np.int32)
+    if not len(step):
+        return out
+    order = np.argsort(step)
+    s_sorted, st_sorted = step[order], stage[order].astype(np.int32)
+    lo, hi = int(s_sorted[0]), int(s_sorted[-1])
+    span = hi - lo + 1
+    if span > 4 * len(step) + (1 << 20):
+        for a in range(0, len(at), _CHUNK):
+            part = at[a:a + _CHUNK]
+            pos = np.clip(np.searchsorted(s_sorted, part), 0, len(s_sorted) - 1)
+            out[a:a + _CHUNK] = np.where(s_sorted[pos] == part, st_sorted[pos], -1)
+        return out
+    first = np.r_[True, s_sorted[1:] != s_sorted[:-1]]
+    table = np.full(span + 2, -1, dtype=np.int32)       # one sentinel slot at each end
+    table[s_sorted[first] - lo + 1] = st_sorted[first]
+    for a in range(0, len(at), _CHUNK):
+        idx = at[a:a + _CHUNK] - (lo - 1)
+        np.clip(idx, 0, span + 1, out=idx)
+        out[a:a + _CHUNK] = table[idx]
+    return out
 
 
 def step_view(run: StoredRun) -> StepView:
@@ -84,29 +177,36 @@ def step_view(run: StoredRun) -> StepView:
     buf = np.frombuffer(b"".join((g or b"\0" * nbytes).ljust(nbytes, b"\0")[:nbytes] for g in raw), dtype=np.uint8)
     grads = np.unpackbits(buf.reshape(len(raw), nbytes), axis=1)[:, :P].astype(bool) if raw else np.zeros((0, P), bool)
     t = run.tensors
-    t_step = _col(t, "step", np.int64)
-    # the stage of each tensor row, through its step
-    if len(step):
-        order = np.argsort(step)
-        pos = np.clip(np.searchsorted(step[order], t_step), 0, len(step) - 1)
-        t_stage = np.where(step[order][pos] == t_step, stage[order][pos], -1)
-    else:
-        t_stage = np.full(len(t_step), -1, dtype=np.int64)
+    t_step = _stored(t, "step").astype(np.int64, copy=False)
+    floats = {name: _stored(t, name) for name in ("grad_norm", "update_norm", "param_norm", "drift")}
     return StepView(
         step=step, stage=stage, optimizer=_col(steps, "optimizer", np.int64),
         lr=steps.column("lr").to_pylist(), momentum=steps.column("momentum").to_pylist(),
         weight_decay=steps.column("weight_decay").to_pylist(), grads=grads,
-        t_step=t_step, t_stage=t_stage, t_tensor=_col(t, "tensor", np.int64),
-        grad_norm=_col(t, "grad_norm"), update_norm=_col(t, "update_norm"),
-        param_norm=_col(t, "param_norm"), drift=_col(t, "drift"), nonfinite=_measured_nonfinite(t),
+        t_step=t_step, t_stage=stage_of_rows(step, stage, t_step),
+        t_tensor=_stored(t, "tensor").astype(np.int32, copy=False),
+        **floats, nonfinite=_measured_nonfinite(t, floats),
     )
 
 
+def _stage_tensor_keys(view: StepView, rows: np.ndarray, n_tensors: int) -> np.ndarray:
+    """stage * n_tensors + tensor of the selected rows, in int32 when that cannot overflow."""
+    stage, tensor = view.t_stage[rows], view.t_tensor[rows]
+    if not len(stage):
+        return np.zeros(0, dtype=np.int64)
+    bound = max(abs(int(stage.min())), abs(int(stage.max()))) * n_tensors + max(abs(int(tensor.min())), abs(int(tensor.max())))
+    dtype = np.int32 if bound < 2**31 else np.int64
+    return stage.astype(dtype) * dtype(n_tensors) + tensor.astype(dtype, copy=False)
+
+
 def per_stage_tensor(view: StepView, n_tensors: int) -> dict:
-    """Per (stage, tensor): median update ratio, last recorded drift, recorded-step count."""
-    key = view.t_stage * n_tensors + view.t_tensor
-    ok = (view.t_stage >= 0) & np.isfinite(view.update_norm) & np.isfinite(view.param_norm) & (view.param_norm > 0)
-    ratio = grouped_median(key[ok], view.update_norm[ok] / view.param_norm[ok])
-    has = (view.t_stage >= 0) & ~np.isnan(view.drift)
-    last_drift = last_per_key(key[has], view.t_step[has], view.drift[has])
+    """Per (stage, tensor) key `stage * n_tensors + tensor`: median update ratio (update_norm /
+    param_norm in float64), last recorded drift."""
+    staged = view.t_stage >= 0
+    un, pn = view.update_norm, view.param_norm
+    ok = staged & np.isfinite(un) & np.isfinite(pn) & (pn > 0)
+    ratio = grouped_median(_stage_tensor_keys(view, ok, n_tensors), un[ok], pn[ok])
+    del ok
+    has = staged & ~np.isnan(view.drift)
+    last_drift = last_per_key(_stage_tensor_keys(view, has, n_tensors), view.t_step[has], view.drift[has])
     return {"update_ratio_median": ratio, "last_drift": last_drift}
