@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .rollup import auto_depth, rollup
+from .tables import update_matrix
 
 MAX_COLUMNS = 2000      # the update heatmap shows at most this many step columns (then it bins steps)
 FREEZE_MAP_ROWS = 40    # default rows of the freeze map and the drift figure (as `freezeframe summary`)
@@ -178,80 +179,6 @@ def _np(table: pa.Table, name: str, dtype) -> np.ndarray:
 
 def _valid(table: pa.Table, name: str) -> np.ndarray:
     return table.column(name).is_valid().to_numpy(zero_copy_only=False)
-
-
-def _stage_of_steps(steps: pa.Table, at: np.ndarray) -> np.ndarray:
-    """The stage of each step in `at` (-1 when the step has no row)."""
-    step = _np(steps, "step", np.int64)
-    stage = _np(steps, "stage", np.int64)
-    if not len(step):
-        return np.full(len(at), -1, dtype=np.int64)
-    order = np.argsort(step, kind="stable")
-    step, stage = step[order], stage[order]
-    pos = np.clip(np.searchsorted(step, at), 0, len(step) - 1)
-    return np.where(step[pos] == at, stage[pos], -1)
-
-
-def _stored(table: pa.Table, name: str) -> np.ndarray:
-    """A column in its stored type (float32 stays float32); nulls as NaN (floats) or -1 (ints)."""
-    col = table.column(name)
-    if pa.types.is_integer(col.type) and col.null_count:
-        col = col.fill_null(-1)
-    return col.to_numpy(zero_copy_only=False)
-
-
-def update_matrix(summary: dict, steps: pa.Table, tensors: pa.Table, rows: list[dict]) -> dict:
-    """Per row (a set of parameter tensors) and recorded step: log10(sqrt(sum update²) / sqrt(sum
-    param²)) over the row's tensors measured at that step. NaN: nothing measured; -inf: an update of
-    exactly 0. `nonfinite` counts measured NaN/Inf values per cell.
-
-    Linear in the tensor rows: the rows measured for a shown tensor are selected once (keeping
-    their order and float32 values), then squared in float64 and summed per cell by bincount."""
-    P = len(summary["params"])
-    index = {p["name"]: i for i, p in enumerate(summary["params"])}
-    row_of = np.full(P, -1, dtype=np.int64)
-    for r, row in enumerate(rows):
-        row_of[[index[n] for n in row["params"]]] = r
-    t_tensor = _stored(tensors, "tensor")
-    measured = (t_tensor >= 0) & (t_tensor < P)
-    measured[measured] = row_of[t_tensor[measured]] >= 0
-    for name in ("update_norm", "param_norm"):
-        if tensors.column(name).null_count:
-            measured &= _valid(tensors, name)
-    # only the measured rows from here on, in their stored order
-    row = row_of[t_tensor[measured]]
-    del t_tensor
-    t_step = _stored(tensors, "step")[measured]
-    un = _stored(tensors, "update_norm")[measured]
-    pn = _stored(tensors, "param_norm")[measured]
-    del measured
-    first = int(t_step.min()) if len(t_step) else 0
-    seen = np.bincount(t_step - first) > 0 if len(t_step) else np.zeros(0, dtype=bool)
-    columns = np.flatnonzero(seen) + first   # the recorded steps, sorted (O(n), no sort of the rows)
-    col_stage = _stage_of_steps(steps, columns)
-    ok = col_stage >= 0
-    columns, col_stage = columns[ok], col_stage[ok]
-    R, C = len(rows), len(columns)
-    col_of_step = np.full(len(seen), -1, dtype=np.int64)
-    col_of_step[columns - first] = np.arange(C)
-    col = col_of_step[t_step - first]   # -1: a step with no step row, not shown
-    del t_step
-    col_ok = col >= 0
-    key = row * C + col
-    del row, col
-    finite = np.isfinite(un) & np.isfinite(pn)
-    good = finite & col_ok
-    bad = col_ok & ~finite
-    del finite, col_ok
-    size = R * C
-    nonfinite = np.bincount(key[bad], minlength=size).reshape(R, C)
-    key = key[good]
-    cnt = np.bincount(key, minlength=size).reshape(R, C)
-    upd = np.bincount(key, np.square(un[good], dtype=np.float64), minlength=size).reshape(R, C)
-    par = np.bincount(key, np.square(pn[good], dtype=np.float64), minlength=size).reshape(R, C)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        values = np.where((cnt > 0) & (par > 0), 0.5 * (np.log10(upd) - np.log10(par)), np.nan)
-    return {"steps": columns, "stage": col_stage, "values": values, "nonfinite": nonfinite}
 
 
 def _bins(n: int, k: int) -> np.ndarray:

@@ -27,7 +27,7 @@ def _col(table: pa.Table, name: str, dtype=np.float64) -> np.ndarray:
     return arr.fill_null(-1).to_numpy(zero_copy_only=False).astype(dtype)
 
 
-def _stored(table: pa.Table, name: str) -> np.ndarray:
+def stored_column(table: pa.Table, name: str) -> np.ndarray:
     """A column as numpy in its stored type (float32 stays float32): nulls as NaN (floats) or -1
     (ints), copied only where Arrow's layout requires it."""
     arr = table.column(name)
@@ -95,11 +95,13 @@ def last_per_key(keys: np.ndarray, steps: np.ndarray, values: np.ndarray) -> dic
     if len(keys) == 0:
         return {}
     codes, key_of = _codes(keys)
-    present = np.bincount(codes, minlength=len(key_of)) > 0
-    best = np.full(len(key_of), -1, dtype=np.int64)
+    none = np.iinfo(np.int64).min
+    best = np.full(len(key_of), none, dtype=np.int64)
     np.maximum.at(best, codes, steps)
+    present = best != none
+    np.maximum(best, -1, out=best)            # a step of -1 (null) counts; none below it does
     rows = np.flatnonzero(steps == best[codes])
-    out = np.empty(len(key_of), dtype=np.float64)
+    out = np.full(len(key_of), np.nan)
     out[codes[rows]] = values[rows]
     return dict(zip(key_of[present].tolist(), out[present].tolist()))
 
@@ -177,36 +179,111 @@ def step_view(run: StoredRun) -> StepView:
     buf = np.frombuffer(b"".join((g or b"\0" * nbytes).ljust(nbytes, b"\0")[:nbytes] for g in raw), dtype=np.uint8)
     grads = np.unpackbits(buf.reshape(len(raw), nbytes), axis=1)[:, :P].astype(bool) if raw else np.zeros((0, P), bool)
     t = run.tensors
-    t_step = _stored(t, "step").astype(np.int64, copy=False)
-    floats = {name: _stored(t, name) for name in ("grad_norm", "update_norm", "param_norm", "drift")}
+    t_step = stored_column(t, "step").astype(np.int64, copy=False)
+    floats = {name: stored_column(t, name) for name in ("grad_norm", "update_norm", "param_norm", "drift")}
     return StepView(
         step=step, stage=stage, optimizer=_col(steps, "optimizer", np.int64),
         lr=steps.column("lr").to_pylist(), momentum=steps.column("momentum").to_pylist(),
         weight_decay=steps.column("weight_decay").to_pylist(), grads=grads,
         t_step=t_step, t_stage=stage_of_rows(step, stage, t_step),
-        t_tensor=_stored(t, "tensor").astype(np.int32, copy=False),
+        t_tensor=stored_column(t, "tensor").astype(np.int32, copy=False),
         **floats, nonfinite=_measured_nonfinite(t, floats),
     )
 
 
-def _stage_tensor_keys(view: StepView, rows: np.ndarray, n_tensors: int) -> np.ndarray:
-    """stage * n_tensors + tensor of the selected rows, in int32 when that cannot overflow."""
-    stage, tensor = view.t_stage[rows], view.t_tensor[rows]
+def _stage_tensor_keys(view: StepView, n_tensors: int) -> np.ndarray:
+    """stage * n_tensors + tensor of every tensor row (meaningful where the stage is known), in
+    int32 when that cannot overflow."""
+    stage, tensor = view.t_stage, view.t_tensor
     if not len(stage):
         return np.zeros(0, dtype=np.int64)
     bound = max(abs(int(stage.min())), abs(int(stage.max()))) * n_tensors + max(abs(int(tensor.min())), abs(int(tensor.max())))
     dtype = np.int32 if bound < 2**31 else np.int64
-    return stage.astype(dtype) * dtype(n_tensors) + tensor.astype(dtype, copy=False)
+    key = stage.astype(dtype)
+    key *= dtype(n_tensors)
+    key += tensor
+    return key
 
 
 def per_stage_tensor(view: StepView, n_tensors: int) -> dict:
     """Per (stage, tensor) key `stage * n_tensors + tensor`: median update ratio (update_norm /
     param_norm in float64), last recorded drift."""
+    key = _stage_tensor_keys(view, n_tensors)
     staged = view.t_stage >= 0
     un, pn = view.update_norm, view.param_norm
     ok = staged & np.isfinite(un) & np.isfinite(pn) & (pn > 0)
-    ratio = grouped_median(_stage_tensor_keys(view, ok, n_tensors), un[ok], pn[ok])
+    ratio = grouped_median(key[ok], un[ok], pn[ok])
     del ok
     has = staged & ~np.isnan(view.drift)
-    last_drift = last_per_key(_stage_tensor_keys(view, has, n_tensors), view.t_step[has], view.drift[has])
+    last_drift = last_per_key(key[has], view.t_step[has], view.drift[has])
     return {"update_ratio_median": ratio, "last_drift": last_drift}
+
+
+# ----------------------------------------------------------------------------- update heatmap
+def stage_of_steps(steps: pa.Table, at: np.ndarray) -> np.ndarray:
+    """The stage of each step in `at` (-1 when the step has no row)."""
+    step = steps.column("step").to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    stage = steps.column("stage").to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    if not len(step):
+        return np.full(len(at), -1, dtype=np.int64)
+    order = np.argsort(step, kind="stable")
+    step, stage = step[order], stage[order]
+    pos = np.clip(np.searchsorted(step, at), 0, len(step) - 1)
+    return np.where(step[pos] == at, stage[pos], -1)
+
+
+def update_matrix(summary: dict, steps: pa.Table, tensors: pa.Table, rows: list[dict]) -> dict:
+    """Per row (a set of parameter tensors) and recorded step: log10(sqrt(sum update²) / sqrt(sum
+    param²)) over the row's tensors measured at that step. NaN: nothing measured; -inf: an update of
+    exactly 0. `nonfinite` counts measured NaN/Inf values per cell.
+
+    Linear in the tensor rows: the rows measured for a shown tensor are selected once (keeping
+    their order and float32 values), then squared in float64 and summed per cell by bincount."""
+    P = len(summary["params"])
+    index = {p["name"]: i for i, p in enumerate(summary["params"])}
+    row_of = np.full(P, -1, dtype=np.int64)
+    for r, row in enumerate(rows):
+        row_of[[index[n] for n in row["params"]]] = r
+    row_at = np.full(P + 2, -1, dtype=np.int32)     # row_of with a -1 slot either side
+    row_at[1:-1] = row_of
+    at = np.clip(stored_column(tensors, "tensor"), -1, P)
+    at += 1
+    row = row_at[at]                                  # -1: no parameter, or one no row shows
+    del at
+    measured = row >= 0
+    for name in ("update_norm", "param_norm"):
+        if tensors.column(name).null_count:
+            measured &= tensors.column(name).is_valid().to_numpy(zero_copy_only=False)
+    # only the measured rows from here on, in their stored order
+    row = row[measured].astype(np.int64)
+    t_step = stored_column(tensors, "step")[measured]
+    un = stored_column(tensors, "update_norm")[measured]
+    pn = stored_column(tensors, "param_norm")[measured]
+    del measured
+    first = int(t_step.min()) if len(t_step) else 0
+    seen = np.bincount(t_step - first) > 0 if len(t_step) else np.zeros(0, dtype=bool)
+    columns = np.flatnonzero(seen) + first   # the recorded steps, sorted (O(n), no sort of the rows)
+    col_stage = stage_of_steps(steps, columns)
+    ok = col_stage >= 0
+    columns, col_stage = columns[ok], col_stage[ok]
+    R, C = len(rows), len(columns)
+    col_of_step = np.full(len(seen), -1, dtype=np.int64)
+    col_of_step[columns - first] = np.arange(C)
+    col = col_of_step[t_step - first]   # -1: a step with no step row, not shown
+    del t_step
+    col_ok = col >= 0
+    key = row * C + col
+    del row, col
+    finite = np.isfinite(un) & np.isfinite(pn)
+    good = finite & col_ok
+    bad = col_ok & ~finite
+    del finite, col_ok
+    size = R * C
+    nonfinite = np.bincount(key[bad], minlength=size).reshape(R, C)
+    key = key[good]
+    cnt = np.bincount(key, minlength=size).reshape(R, C)
+    upd = np.bincount(key, np.square(un[good], dtype=np.float64), minlength=size).reshape(R, C)
+    par = np.bincount(key, np.square(pn[good], dtype=np.float64), minlength=size).reshape(R, C)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = np.where((cnt > 0) & (par > 0), 0.5 * (np.log10(upd) - np.log10(par)), np.nan)
+    return {"steps": columns, "stage": col_stage, "values": values, "nonfinite": nonfinite}
