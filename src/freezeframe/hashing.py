@@ -10,9 +10,13 @@ import torch
 Tensor = torch.Tensor
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def is_sharded(t: Tensor) -> bool:
-    """A DTensor (FSDP2 `fully_shard`, tensor parallel): each rank holds a shard of it."""
-    return callable(getattr(t, "full_tensor", None))
+    """A DTensor (FSDP2 `fully_shard`, tensor parallel): each rank holds a shard of it.
+    (Plain tensors are told apart by type first: this runs for every tensor of a recorded step.)"""
+    return type(t) not in _PLAIN and callable(getattr(t, "full_tensor", None))
 
 
 def gathered(t: Tensor) -> Tensor:
