@@ -2,21 +2,28 @@
 
 Method (DESIGN.md, "Budgets"): one process, two identical models (same init, same data, same
 optimizer) stepped alternately, A plain and B instrumented, many times. B's time of a pair is its
-step *plus* draining the instrument's background writer right after it (`Recorder._writer.drain()`),
-so background work cannot hide inside A's next step: A always starts with the writer idle.
+step *plus* draining the instrument's background work right after it (`Recorder._writer.drain()`
+for freezeframe; see peers.py for wandb and TensorBoard), so background work cannot hide inside A's
+next step: A always starts with the instrument idle.
 
 The headline ratio is the median of B's step time over the median of A's, taken over blocks of
 `every` consecutive steps (every block then holds exactly one recorded step; with every=1 a block
 is a step). The mean ratio (which also counts the periodic flushes) and a bootstrap 95 % interval
-of the headline are printed beside it.
+of the headline are printed beside it. A peer recording every N steps whose blocks do not fit 8
+times in the time cap gets the schedule-weighted mean instead (see `ratio_stats`).
 
-Usage:  .venv/bin/python benchmarks/overhead.py            (`make bench`; ≈ 3–4 min on 2 cores)
+Instruments: freezeframe (default and every=1), the "floor" (instruments.py), and the peers
+(peers.py): `wandb.watch(log="all")` offline and TensorBoard `add_histogram`, each at every step
+and every 100 steps. Workloads (workloads.py): a ResNet-18, an MLP, a small transformer encoder.
+
+Usage:  .venv/bin/python benchmarks/overhead.py            (`make bench`; ≈ 15 min on 2 cores)
         .venv/bin/python benchmarks/overhead.py --quick    (a smoke run, writes nothing)
+        .venv/bin/python benchmarks/overhead.py --only wandb --no-write   (a subset, print only)
         .venv/bin/python benchmarks/overhead.py --profile  (where an instrumented step's time goes)
 
-Extending: a workload is a `Workload` in WORKLOADS; an instrument is a `(name, attach)` pair in
-INSTRUMENTS where `attach(model, optimizer, workdir)` returns an `Attached` (wandb.watch and
-TensorBoard histograms will be added there).
+Extending: a workload is a `Workload` in workloads.WORKLOADS; an instrument is an `Instrument` in
+INSTRUMENTS below, whose `attach(model, optimizer, workdir)` returns an `instruments.Attached`
+(raising `PeerUnavailable` skips its rows).
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -44,8 +52,13 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout even without `pip install -e`
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # workloads, instruments, peers, overhead_tables
 
 import freezeframe  # noqa: E402
+from instruments import Attached, PeerUnavailable, attach_floor, attach_freezeframe  # noqa: E402
+from overhead_tables import print_tables, verdicts, write_markdown  # noqa: E402
+from peers import ABSENT, attach_tensorboard, attach_wandb  # noqa: E402
+from workloads import WORKLOADS, Workload, mlp, sgd, train_step, vectors  # noqa: E402
 
 MiB = 1024 * 1024
 
@@ -126,153 +139,67 @@ class Heap:
         return _status_kib("VmHWM") * 1024 - base
 
 
-def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-# --------------------------------------------------------------------------- workloads
-@dataclass
-class Workload:
-    """A model, its optimizer and a fixed set of batches; `pairs` interleaved A/B steps measured."""
-
-    name: str
-    make_model: Callable[[], nn.Module]
-    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
-    make_batches: Callable[[torch.Generator], list[tuple[torch.Tensor, torch.Tensor]]]
-    pairs: int
-    warmup: int = 12          # pairs before measuring (freezeframe's calibration happens here)
-    plain_steps: int = 3      # unwatched steps of both models before anything is attached
-
-
-def _resnet18() -> nn.Module:
-    import torchvision
-
-    return torchvision.models.resnet18(weights=None, num_classes=10)
-
-
-def _mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                         nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-
-
-def _sgd(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-
-def _images(g: torch.Generator) -> list:
-    return [(torch.randn(16, 3, 64, 64, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(4)]
-
-
-def _vectors(g: torch.Generator) -> list:
-    return [(torch.randn(64, 256, generator=g), torch.randint(0, 10, (64,), generator=g)) for _ in range(8)]
-
-
-WORKLOADS = [
-    Workload("ResNet-18, 64 px, batch 16, SGD+momentum", _resnet18, _sgd, _images, pairs=60),
-    Workload("MLP 256-256-256-10, batch 64, SGD+momentum", _mlp, _sgd, _vectors, pairs=300),
-]
-
-
 # --------------------------------------------------------------------------- instruments
 @dataclass
-class Attached:
-    """What an instrument attached to model B exposes to the benchmark."""
-
-    drain: Callable[[], None]                     # wait until its background work is done
-    close: Callable[[], None]
-    every: Callable[[], int | None] = lambda: 1   # the recording period in force
-    analytic_bytes: dict = field(default_factory=dict)  # {"reference": n, "temporary": n}
-    run_dir: Path | None = None                   # where it wrote, for the bytes-written figures
-    info: Callable[[], dict] = dict               # anything else worth reporting
+class Instrument:
+    name: str                # the row's name
+    attach: Callable[[nn.Module, torch.optim.Optimizer, Path], Attached]
+    family: str              # the column of the side-by-side table (overhead_tables.FAMILIES)
+    peer: bool = False       # a peer: its rows are skipped (with the reason) when it cannot run
 
 
-def attach_freezeframe(every: int | None):
-    def attach(model: nn.Module, opt: torch.optim.Optimizer, workdir: Path) -> Attached:
-        run_dir = workdir / "run"
-        rec = freezeframe.watch(model, opt, run_dir, every=every, mode="new")
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        return Attached(
-            drain=rec._writer.drain, close=rec.close, every=lambda: rec.every, run_dir=run_dir,
-            analytic_bytes={"reference": tensor_bytes(list(model.parameters()) + list(model.buffers())),
-                            "temporary": tensor_bytes(trainable)},
-            info=lambda: {"calibration": rec.sampler.measured},
-        )
-    return attach
-
-
-class _Floor:
-    """The least a per-step metric needs: snapshot the parameters before the step (a clone), after
-    it the norms of the gradients, of (after - before) and of (after - reference), one host sync."""
-
-    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        with torch.no_grad():
-            self.ref = [p.detach().clone() for p in self.params]
-        self.rows: list[np.ndarray] = []
-        self.before: list[torch.Tensor] | None = None
-        self.handles = [opt.register_step_pre_hook(self.pre), opt.register_step_post_hook(self.post)]
-
-    @torch.no_grad()
-    def pre(self, opt, args, kwargs) -> None:
-        self.before = [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def post(self, opt, args, kwargs) -> None:
-        params = [p.detach() for p in self.params]
-        grads = torch._foreach_norm([p.grad for p in self.params if p.grad is not None])
-        torch._foreach_sub_(self.before, params)              # before := before - after
-        updates = torch._foreach_norm(self.before)
-        drift = torch._foreach_norm(torch._foreach_sub(params, self.ref))
-        self.before = None
-        self.rows.append(torch.stack(list(grads) + list(updates) + list(drift)).cpu().numpy())  # the one sync
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def attach_floor(model: nn.Module, opt: torch.optim.Optimizer, workdir: Path) -> Attached:
-    f = _Floor(model, opt)
-    return Attached(drain=lambda: None, close=f.close,
-                    analytic_bytes={"reference": tensor_bytes(f.params), "temporary": tensor_bytes(f.params)})
-
-
-# (name, attach): add peers here (wandb.watch offline, TensorBoard add_histogram, ...).
-INSTRUMENTS: list[tuple[str, Callable[[nn.Module, torch.optim.Optimizer, Path], Attached]]] = [
-    ("freezeframe default", attach_freezeframe(None)),
-    ("freezeframe every=1", attach_freezeframe(1)),
-    ("floor (every=1)", attach_floor),
+INSTRUMENTS: list[Instrument] = [
+    Instrument("freezeframe default", attach_freezeframe(None), "freezeframe"),
+    Instrument("freezeframe every=1", attach_freezeframe(1), "freezeframe"),
+    Instrument("floor (every=1)", attach_floor, "floor"),
+    Instrument("wandb.watch all, log_freq=1", attach_wandb(1), "wandb.watch", peer=True),
+    Instrument("wandb.watch all, log_freq=100", attach_wandb(100), "wandb.watch", peer=True),
+    Instrument("TensorBoard histograms, every step", attach_tensorboard(1), "TensorBoard", peer=True),
+    Instrument("TensorBoard histograms, every 100", attach_tensorboard(100), "TensorBoard", peer=True),
 ]
 
 
 # --------------------------------------------------------------------------- measurement
-def train_step(model, opt, batch, loss_fn) -> None:
-    x, y = batch
-    opt.zero_grad(set_to_none=True)
-    loss_fn(model(x), y).backward()
-    opt.step()
-
-
-def ratio_stats(a: np.ndarray, b: np.ndarray, block: int, rng: np.random.Generator) -> dict:
+def ratio_stats(a: np.ndarray, b: np.ndarray, block: int, rng: np.random.Generator,
+                recorded: np.ndarray | None = None) -> dict:
     """Ratios of B over A: median over blocks of `block` steps (the headline), plain median and
     mean, a paired bootstrap 95 % interval of the headline and the IQR of per-block ratios.
-    With fewer than 8 blocks (a recording period too long for this many pairs) the headline is
-    the ratio of the means (bootstrapped over pairs) instead."""
+    With fewer than 8 blocks (a recording period too long for this many pairs) the headline is,
+    when `recorded` (which pairs' B step recorded) is known and holds both kinds, the
+    schedule-weighted mean (1 × recorded + (block - 1) × other steps) / (block × plain), with
+    recorded and other pairs resampled separately; else the ratio of the means (bootstrapped over
+    pairs)."""
     n = (len(a) // block) * block
+    per_pair = False
     if n // block >= 8:
         a_blk, b_blk = a[:n].reshape(-1, block).sum(1), b[:n].reshape(-1, block).sum(1)
-        stat, kind = np.median, "median of blocks"
+        head_fn = lambda ai, bi: np.median(bi, axis=-1) / np.median(ai, axis=-1)  # noqa: E731
+        kind = "median of blocks"
+        idx = rng.integers(0, len(a_blk), size=(2000, len(a_blk)))
+        head, boot = float(head_fn(a_blk, b_blk)), head_fn(a_blk[idx], b_blk[idx])
+    elif recorded is not None and block > 1 and recorded.any() and (~recorded).any():
+        a_blk, b_blk, per_pair = a, b, True
+        rec, oth = np.flatnonzero(recorded), np.flatnonzero(~recorded)
+
+        def weighted(r, o):
+            num = b[r].mean(axis=-1) + (block - 1) * b[o].mean(axis=-1)
+            return num / (a[r].mean(axis=-1) + (block - 1) * a[o].mean(axis=-1))
+        kind = f"schedule-weighted mean ({len(rec)} recorded)"
+        head = float(weighted(rec, oth))
+        boot = weighted(rec[rng.integers(0, len(rec), size=(2000, len(rec)))],
+                        oth[rng.integers(0, len(oth), size=(2000, len(oth)))])
     else:
-        a_blk, b_blk, block = a, b, 1
-        stat, kind = np.mean, "mean (too few blocks)"
-    head = float(stat(b_blk) / stat(a_blk))
-    idx = rng.integers(0, len(a_blk), size=(2000, len(a_blk)))
-    boot = stat(b_blk[idx], axis=1) / stat(a_blk[idx], axis=1)
+        if n >= block:                   # whole recording periods only: each holds one recorded step
+            a, b = a[:n], b[:n]
+        a_blk, b_blk, per_pair = a, b, True
+        kind = "mean (too few blocks)"
+        idx = rng.integers(0, len(a), size=(2000, len(a)))
+        head, boot = float(b.mean() / a.mean()), b[idx].mean(axis=1) / a[idx].mean(axis=1)
     per = b_blk / a_blk
     return {
         "ratio": head, "ratio_kind": kind,
         "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
-        "block": block, "blocks": int(len(a_blk)),
+        "block": 1 if per_pair else block, "blocks": int(len(a_blk)),
         "ratio_median_steps": float(np.median(b) / np.median(a)),
         "ratio_paired_median": float(np.median(per)),
         "ratio_mean": float(b.mean() / a.mean()),
@@ -306,8 +233,12 @@ def run_dir_bytes(run_dir: Path) -> dict:
     }
 
 
-def measure(work: Workload, inst_name: str, attach, scale: float, max_seconds: float = 60.0,
-            seed: int = 0) -> dict:
+def _zero() -> float:
+    return 0.0
+
+
+def measure(work: Workload, inst: Instrument, scale: float, max_seconds: float = 60.0, seed: int = 0) -> dict:
+    t_case = time.perf_counter()
     torch.manual_seed(seed)
     model_a = work.make_model()
     model_b = copy.deepcopy(model_a)                       # same initial weights
@@ -316,90 +247,160 @@ def measure(work: Workload, inst_name: str, attach, scale: float, max_seconds: f
     loss_fn = nn.CrossEntropyLoss()
     model_a.train(), model_b.train()
     k = [0, 0]                                             # next batch of A, of B: both see the same data
+    after_b: list[Callable[[torch.Tensor], None]] = []     # the instrument's after_step, once attached
 
     def step(which: int, n: int = 1) -> None:
         model, opt = (model_a, opt_a) if which == 0 else (model_b, opt_b)
         for _ in range(n):
-            train_step(model, opt, batches[k[which] % len(batches)], loss_fn)
+            loss = train_step(model, opt, batches[k[which] % len(batches)], loss_fn)
             k[which] += 1
+            if which == 1:
+                for fn in after_b:
+                    fn(loss)
 
     for _ in range(work.plain_steps):                      # grads and optimizer state allocated
         step(0), step(1)
 
     workdir = Path(tempfile.mkdtemp(prefix="ff-bench-"))
     heap = Heap()
+    att = None
     try:
         heap.trim()
         rss0, heap0 = rss_bytes(), heap.in_use()
         t0 = time.perf_counter()
-        att = attach(model_b, opt_b, workdir)
+        att = inst.attach(model_b, opt_b, workdir)
         attach_s = time.perf_counter() - t0
+        if att.after_step is not None:
+            after_b.append(att.after_step)
+        helper_cpu = att.helper_cpu or _zero
+        due = att.due
 
-        def pair() -> tuple[float, float, float, float, float]:
+        def pair() -> tuple:
+            h0 = helper_cpu()
             c, t = time.process_time(), time.perf_counter()
             step(0)
             ta, ca = time.perf_counter() - t, time.process_time() - c
+            h1 = helper_cpu()
+            recorded = -1 if due is None else int(due() == 0)
             c, t = time.process_time(), time.perf_counter()
             step(1)
             tb_step = time.perf_counter() - t
             att.drain()                                    # B's background work, counted as B's
             tb, cb = time.perf_counter() - t, time.process_time() - c
-            return ta, tb, tb - tb_step, ca, cb
+            h2 = helper_cpu()
+            return ta, tb, tb - tb_step, ca, cb, h1 - h0, h2 - h1, recorded, h2
 
-        warm = 0
-        while warm < work.warmup or (att.every() is None and warm < 10 * work.warmup):
+        # Warm-up: the workload's pairs, longer while freezeframe calibrates, shorter (at least 3)
+        # for an instrument that makes steps slow once a sixth of the time cap is spent.
+        warm, t_warm = 0, time.perf_counter()
+        while True:
+            calibrating = att.every() is None
+            if not calibrating and warm >= work.warmup:
+                break
+            if calibrating and warm >= 10 * work.warmup:
+                break
+            if not calibrating and warm >= 3 and time.perf_counter() - t_warm > max_seconds / 6:
+                break
             pair()
             warm += 1
         # At least 8 recording periods, so that the median over blocks of `every` steps means
         # something (up to 20× the workload's pairs; beyond that the mean ratio is the headline).
+        period = max(1, att.every() or 1)
         base = max(8, int(round(work.pairs * scale)))
-        want = min(max(base, 8 * (att.every() or 1)), 20 * base)
+        want = min(max(base, 8 * period), 20 * base)
         gc.collect()
-        rows, t_loop = [], time.perf_counter()
-        # A loaded machine stops at the time cap, but not before 30 pairs and 8 recording periods.
-        least = min(want, max(30, 8 * max(1, att.every() or 1)))
+        rows, t_loop, n_rec = [], time.perf_counter(), 0
+        # A loaded machine stops at the time cap, but not before 30 pairs and 8 recording periods;
+        # a peer with a known schedule may stop after 30 pairs holding two recorded steps at half the
+        # cap, or one at the cap (its ratio is then schedule-weighted); an instrument that makes
+        # steps very slow after 12 pairs at 1.5×; a peer after 12 pairs at 3× (then possibly
+        # without a recorded step: the table says so).
+        least = min(want, max(30, 8 * period))
         while len(rows) < want:
             rows.append(pair())
-            if time.perf_counter() - t_loop > max_seconds and len(rows) >= least:
+            n_rec += rows[-1][7] == 1
+            elapsed = time.perf_counter() - t_loop
+            if due is not None and period > 1 and len(rows) < least and len(rows) >= 30 and (
+                    (elapsed > max_seconds / 2 and n_rec >= 2) or (elapsed > max_seconds and n_rec >= 1)):
                 break
-        pairs, times = len(rows), np.array(rows)
+            if elapsed <= max_seconds:
+                continue
+            if len(rows) >= least:
+                break
+            if elapsed > 1.5 * max_seconds and len(rows) >= 12 and (period == 1 or n_rec >= 1):
+                break
+            if due is not None and elapsed > 3 * max_seconds and len(rows) >= 12:   # a peer on a very busy
+                break                                                          # machine: give up waiting
+        pairs = len(rows)
         att.drain()
+        h_end = helper_cpu()
         heap.trim()
         rss1, heap1 = rss_bytes(), heap.in_use()
+        helper_rss = att.helper_rss() if att.helper_rss else None
         every = att.every()
 
         # Memory pass (untimed): peak RSS over windows of `every` steps (so that each window of the
         # watched model holds a recorded step), plain and watched alternately.
         window = min(max(1, every or 1), 200)
+        step_b = float(np.median([r[1] for r in rows]))
+        windows = [(window, window)] * 6
+        peak_note = None
+        if window > 1 and due is not None:
+            # A peer with a known schedule: one window of the watched model ending at its next
+            # recorded step (against one plain step), if that is near enough, else no peak figure.
+            if (due() + 1) * step_b <= max_seconds / 3:
+                windows = [(1, due() + 1)]
+            else:
+                windows, peak_note = [], (f"a window holding a recorded step would take "
+                                          f"{(due() + 1) * step_b:.0f} s")
         peaks = [[], []]
         t_mem = time.perf_counter()
-        for w in range(6):
-            if w >= 2 and time.perf_counter() - t_mem > max_seconds / 3:
+        for w, sizes in enumerate(windows):
+            # up to 6 windows each, at least two unless the first pair alone took a third of the cap
+            if w >= 1 and time.perf_counter() - t_mem > max_seconds / 3:
                 break
             for which in (0, 1):
-                def run(which=which):
-                    step(which, window)
+                def run(which=which, n=sizes[which]):
+                    step(which, n)
                     if which == 1:
                         att.drain()
                 peaks[which].append(heap.window_peak(run))
         info = att.info()
         t0 = time.perf_counter()
-        att.close()
+        closing, att = att, None
+        closing.close()
         close_s = time.perf_counter() - t0
-        written = run_dir_bytes(att.run_dir) if att.run_dir is not None else None
+        if closing.written is not None:
+            written = closing.written()
+        else:
+            written = run_dir_bytes(closing.run_dir) if closing.run_dir is not None else None
     finally:
+        if att is not None:                                # failed half-way: stop the instrument
+            try:
+                att.close()
+            except Exception:
+                pass
         shutil.rmtree(workdir, ignore_errors=True)
 
-    a, b, drain, cpu_a, cpu_b = times.T
-    stats = ratio_stats(a, b, max(1, every or 1), np.random.default_rng(seed))
-    cpu = ratio_stats(cpu_a, cpu_b, max(1, every or 1), np.random.default_rng(seed))
+    arr = np.array([r[:7] for r in rows], dtype=float)
+    a, b, drain, cpu_a, cpu_b, h_in_a, h_in_b = arr.T
+    recorded = np.array([r[7] for r in rows]) == 1 if due is not None else None
+    # Helper processes' CPU: what ran in B's window, plus what ran in the *next* plain window
+    # (left over from this B step; for the last pair, up to the final drain).
+    h_after = np.append(h_in_a[1:], h_end - rows[-1][8])
+    cpu_b = cpu_b + h_in_b + h_after
+    block = max(1, every or 1)
+    stats = ratio_stats(a, b, block, np.random.default_rng(seed), recorded)
+    cpu = ratio_stats(cpu_a, cpu_b, block, np.random.default_rng(seed), recorded)
     calib = info.get("calibration")
     peak_extra = None
-    if heap.peak_ok:
+    if heap.peak_ok and peaks[0] and peaks[1]:
         peak_extra = float(np.median(peaks[1]) - np.median(peaks[0])) / MiB
+    analytic = closing.analytic_bytes
     res = {
-        "workload": work.name, "instrument": inst_name, "pairs": pairs, "warmup_pairs": warm,
-        "every": every,
+        "workload": work.name, "instrument": inst.name, "family": inst.family, "peer": inst.peer,
+        "pairs": pairs, "warmup_pairs": warm, "every": every,
+        "recorded_in_loop": int(recorded.sum()) if recorded is not None else None,
         "step_ms_plain_median": 1e3 * float(np.median(a)),
         "step_ms_watched_median": 1e3 * float(np.median(b)),
         "drain_ms_mean": 1e3 * float(drain.mean()), "drains_over_1ms": int((drain > 1e-3).sum()),
@@ -407,18 +408,27 @@ def measure(work: Workload, inst_name: str, attach, scale: float, max_seconds: f
         "cpu_ratio": cpu["ratio"], "cpu_ci95": cpu["ci95"], "cpu_ratio_mean": cpu["ratio_mean"],
         "cpu_ms_plain_median": 1e3 * float(np.median(cpu_a)),
         "pairs_wanted": want,
-        "attach_s": attach_s, "close_s": close_s,
+        "attach_s": attach_s, "close_s": close_s, "case_s": time.perf_counter() - t_case,
         "memory": {
             "rss_growth_mib": (rss1 - rss0) / MiB,
             "heap_growth_mib": None if heap0 is None else (heap1 - heap0) / MiB,
-            "step_peak_extra_mib": peak_extra, "peak_window_steps": window, "peak_windows": len(peaks[0]),
+            "helper_rss_mib": None if helper_rss is None else helper_rss / MiB,
+            "step_peak_extra_mib": peak_extra, "peak_windows": len(peaks[0]),
+            "peak_window_steps": list(windows[0]) if windows else None, "peak_note": peak_note,
             "peaks_plain_mib": [None if x is None else x / MiB for x in peaks[0]],
             "peaks_watched_mib": [None if x is None else x / MiB for x in peaks[1]],
-            "analytic_reference_mib": att.analytic_bytes.get("reference", 0) / MiB,
-            "analytic_temporary_mib": att.analytic_bytes.get("temporary", 0) / MiB,
+            "analytic_reference_mib": analytic["reference"] / MiB if analytic else None,
+            "analytic_temporary_mib": analytic["temporary"] / MiB if analytic else None,
         },
         "written": written,
+        "info": {k: v for k, v in info.items() if k != "calibration"},
     }
+    if closing.helper_cpu is not None:
+        res["helper"] = {
+            "names": info.get("helpers", []),
+            "cpu_ms_per_pair": 1e3 * float((h_in_b + h_after).mean()),
+            "cpu_ms_in_plain_window": 1e3 * float(h_in_a[1:].mean()) if pairs > 1 else None,
+        }
     if calib:
         res["calibration"] = dict(calib)
     return res
@@ -427,12 +437,12 @@ def measure(work: Workload, inst_name: str, attach, scale: float, max_seconds: f
 def prime() -> None:
     """Pay the one-time costs (imports, the writer's first Parquet file, thread start-up) before
     anything is measured, so that they do not land on whichever instrument runs first."""
-    model = _mlp()
-    opt = _sgd(model)
+    model = mlp()
+    opt = sgd(model)
     workdir = Path(tempfile.mkdtemp(prefix="ff-prime-"))
     try:
         rec = freezeframe.watch(model, opt, workdir / "run", every=1, mode="new")
-        for batch in _vectors(torch.Generator().manual_seed(1))[:3]:
+        for batch in vectors(torch.Generator().manual_seed(1))[:3]:
             train_step(model, opt, batch, nn.CrossEntropyLoss())
         rec.close()
         run_dir_bytes(workdir / "run")
@@ -453,157 +463,6 @@ def machine() -> dict:
     return {"cores": len(os.sched_getaffinity(0)), "cpu": cpu, "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
             "freezeframe": freezeframe.__version__, "platform": platform.platform()}
-
-
-def _model(r: dict) -> str:
-    return r["workload"].split(",")[0]
-
-
-def _rng(x: list) -> str:
-    return f"{x[0]:.3f}–{x[1]:.3f}"
-
-
-TIME_HEADERS = ["model", "instrument", "every", "pairs", "plain ms", "ratio", "95 % CI", "median/step", "mean",
-                "IQR/block", "CPU ratio"]
-MEMORY_HEADERS = ["model", "instrument", "RSS +MiB", "heap +MiB", "peak +MiB", "analytic MiB", "B/row (log)",
-                  "rows", "close s"]
-
-
-def time_rows(results: list[dict]) -> list[list[str]]:
-    return [[_model(r), r["instrument"], str(r["every"]), str(r["pairs"]), f"{r['step_ms_plain_median']:.2f}",
-             f"{r['ratio']:.3f}" + ("" if r["ratio_kind"].startswith("median") else " (mean)"), _rng(r["ci95"]),
-             f"{r['ratio_median_steps']:.3f}", f"{r['ratio_mean']:.3f}", _rng(r["per_block_iqr"]),
-             f"{r['cpu_ratio']:.3f}"] for r in results]
-
-
-def memory_rows(results: list[dict]) -> list[list[str]]:
-    rows = []
-    for r in results:
-        m, w = r["memory"], r["written"]
-        opt = lambda v: "—" if v is None else f"{v:+.1f}"  # noqa: E731
-        rows.append([
-            _model(r), r["instrument"], opt(m["rss_growth_mib"]), opt(m["heap_growth_mib"]),
-            opt(m["step_peak_extra_mib"]),
-            f"{m['analytic_reference_mib']:.1f} + {m['analytic_temporary_mib']:.1f}",
-            "—" if not w or w["bytes_per_tensor_step"] is None else
-            f"{w['bytes_per_tensor_step']:.1f} ({w['log_bytes_per_tensor_step']:.1f})",
-            "—" if not w else f"{w['recorded_steps']}×{w['tensors_per_recorded_step']:.0f}",
-            f"{r['close_s']:.2f}",
-        ])
-    return rows
-
-
-def print_tables(results: list[dict]) -> None:
-    tables = [("Overhead per training step: watched / plain, interleaved, writer drained", TIME_HEADERS,
-               time_rows(results)),
-              ("Memory and bytes written", MEMORY_HEADERS, memory_rows(results))]
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        for title, headers, rows in tables:
-            print(title)
-            print(" | ".join(headers))
-            for row in rows:
-                print(" | ".join(row))
-        return
-    console = Console(width=max(150, shutil.get_terminal_size().columns))
-    for title, headers, rows in tables:
-        t = Table(title=title)
-        for h in headers:
-            t.add_column(h, justify="left" if h in ("model", "instrument") else "right", no_wrap=True)
-        for row in rows:
-            t.add_row(*row)
-        console.print(t)
-
-
-def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|",
-            *["| " + " | ".join(row) + " |" for row in rows]]
-
-
-def verdicts(results: list[dict]) -> list[str]:
-    out = []
-    for r in results:
-        if not r["workload"].startswith("ResNet-18"):
-            continue
-        if r["instrument"].startswith("freezeframe default"):
-            ok = r["ratio"] <= 1.03
-            out.append(f"ResNet-18, freezeframe default: {100 * (r['ratio'] - 1):+.1f} % "
-                       f"(mean {100 * (r['ratio_mean'] - 1):+.1f} %), budget ≤ 3 %: {'met' if ok else 'NOT met'}")
-        elif r["instrument"] == "freezeframe every=1":
-            ok = r["ratio"] <= 1.3
-            out.append(f"ResNet-18, freezeframe every=1: {r['ratio']:.3f}× (mean {r['ratio_mean']:.3f}×), "
-                       f"budget ≤ 1.3×: {'met' if ok else 'NOT met'}")
-    return out
-
-
-NOTES = """\
-- **ratio**: median of the watched model's time over the median of the plain model's, over blocks of
-  `every` consecutive steps (each block holds one recorded step; for every=1 a block is one step).
-  **95 % CI**: paired bootstrap of that ratio (2,000 resamples). **median/step**: the same with single
-  steps (hides the recorded steps when every > 1). **mean**: ratio of mean step times, which also
-  counts the periodic flush (every `flush_seconds`). **IQR/block**: spread of the per-block ratios.
-  **CPU ratio**: the headline ratio computed from the process's CPU time (all threads, the writer's
-  included) instead of wall time; it is less disturbed by other processes on a shared machine, but
-  counts OpenMP threads spinning while they wait. **pairs**: measured pairs (a case stops early,
-  after at least 30, once its timed loop passes `--max-seconds`).
-- The watched model's time of each pair includes draining freezeframe's background writer
-  (`rec._writer.drain()`) right after its step, so the writer's work never overlaps the plain
-  model's step. The warm-up pairs (which contain freezeframe's calibration steps and the first
-  stage's content hashes) are not measured; the close (hash + compaction) is timed separately.
-- Memory columns. **RSS +MiB**: resident memory after the measured steps minus before attaching (both models had
-  already stepped; free heap pages handed back with malloc_trim before each reading). **heap +MiB**:
-  the same for the bytes malloc has handed out (glibc mallinfo2), which free-list caching cannot
-  blur. **peak +MiB**: in a separate untimed pass, the median peak RSS (kernel high-water mark)
-  over a window of `every` steps of the watched model minus the same for the plain model.
-  **analytic MiB**: the persistent reference copy (parameters + buffers) + one temporary copy of
-  the recorded parameters.
-- **B/row**: bytes of the compacted `tensors` table per (tensor, recorded step) row; in brackets the
-  whole log (steps + tensors + scalars + manifest, not the reference weights) per row. **rows**:
-  recorded steps × tensors per recorded step (warm-up and memory-pass steps included). **close s**:
-  the time `close()` took (final hashes, flush, compaction).
-"""
-
-
-def write_markdown(path: Path, results: list[dict], meta: dict) -> None:
-    m = meta["machine"]
-    lines = [
-        "# Benchmarks", "",
-        "Generated by `make bench` (`.venv/bin/python benchmarks/overhead.py`); regenerate with the same command.", "",
-        f"- Date: {meta['date']}",
-        f"- Machine: {m['cores']} cores ({m['cpu']}), torch {m['torch']} with {m['torch_threads']} threads, "
-        f"Python {m['python']}, {m['platform']}",
-        f"- freezeframe {m['freezeframe']}; load average at start {meta['load_start']}, at end {meta['load_end']} "
-        "(the machine is shared: other processes' CPU use is noise that the interleaving spreads over both models)",
-        f"- Total benchmark time: {meta['elapsed_s']:.0f} s", "",
-        "## Overhead per training step", "",
-        *_md_table(TIME_HEADERS, time_rows(results)), "",
-        "## Memory and bytes written", "",
-        *_md_table(MEMORY_HEADERS, memory_rows(results)),
-    ]
-    lines += ["", *[f"- {v}" for v in meta["verdicts"]]]
-    if meta.get("machine_busy"):
-        lines.append(f"- The machine was busy during this run (load average {meta['load_start']} → "
-                     f"{meta['load_end']} on {m['cores']} cores): the ratios are noisier than on a quiet machine.")
-    lines += ["", "## How it is measured", "", NOTES]
-    extra = []
-    for r in results:
-        c = r.get("calibration")
-        if c:
-            extra.append(f"- {r['workload'].split(',')[0]}, {r['instrument']}: calibration measured a training "
-                         f"step of {1e3 * c['step_s']:.1f} ms, recording {1e3 * c['recording_s']:.2f} ms, "
-                         f"per-step bookkeeping {1e3 * c['per_step_s']:.2f} ms → every={r['every']}")
-        if r["written"]:
-            w = r["written"]
-            extra.append(f"- {r['workload'].split(',')[0]}, {r['instrument']}: {w['recorded_steps']} recorded steps × "
-                         f"{w['tensors_per_recorded_step']:.0f} tensors; tensors table {w['sizes']['tensors']} B, "
-                         f"steps table {w['sizes']['steps']} B, manifest {w['sizes']['manifest']} B, "
-                         f"reference {w['sizes']['reference'] / MiB:.1f} MiB; close {r['close_s']:.2f} s")
-    if extra:
-        lines += ["## Details", "", *extra, ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
 
 
 # --------------------------------------------------------------------------- profiling
@@ -694,7 +553,8 @@ def profile(work: Workload, every: int | None, steps: int) -> None:
 # --------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a short smoke run (pairs ÷ 10); writes no results")
+    ap.add_argument("--quick", action="store_true",
+                    help="a short smoke run (pairs ÷ 10, --max-seconds at most 15); writes no results")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every workload's number of pairs")
     ap.add_argument("--only", default="", help="substring filter on 'workload / instrument'")
     ap.add_argument("--max-seconds", type=float, default=60.0,
@@ -715,37 +575,64 @@ def main(argv=None) -> int:
         return 0
 
     scale = args.scale * (0.1 if args.quick else 1.0)
+    max_seconds = min(args.max_seconds, 15.0) if args.quick else args.max_seconds
     write = not (args.quick or args.no_write)
     load_start = [round(x, 2) for x in os.getloadavg()]
     started = time.perf_counter()
     prime()
-    results = []
+    results, skipped = [], []
     for work in WORKLOADS:
-        for name, attach in INSTRUMENTS:
-            if args.only and args.only.lower() not in f"{work.name} / {name}".lower():
+        for inst in INSTRUMENTS:
+            if args.only and args.only.lower() not in f"{work.name} / {inst.name}".lower():
                 continue
-            print(f"… {work.name} / {name}", flush=True)
-            r = measure(work, name, attach, scale, args.max_seconds)
-            results.append(r)
-            print(f"  ratio {r['ratio']:.3f} (mean {r['ratio_mean']:.3f}), every={r['every']}, "
-                  f"plain {r['step_ms_plain_median']:.2f} ms", flush=True)
+            print(f"… {work.name} / {inst.name}", flush=True)
+            try:
+                r = measure(work, inst, scale, max_seconds)
+            except PeerUnavailable as e:
+                reason = str(e)
+            except Exception as e:
+                if not inst.peer:
+                    raise
+                reason = f"failed: {type(e).__name__}: {e}"
+                traceback.print_exc()
+            else:
+                results.append(r)
+                extra = ""
+                if r.get("helper"):
+                    h = r["helper"]
+                    extra = (f", service CPU {h['cpu_ms_per_pair']:.1f} ms/step "
+                             f"({h['cpu_ms_in_plain_window']:.1f} in the plain step)")
+                print(f"  ratio {r['ratio']:.3f} (mean {r['ratio_mean']:.3f}, CPU {r['cpu_ratio']:.3f}), "
+                      f"every={r['every']}, {r['pairs']} pairs, plain {r['step_ms_plain_median']:.2f} ms{extra}; "
+                      f"{r['case_s']:.0f} s", 
+                      flush=True)
+                continue
+            print(f"  skipped: {reason}", flush=True)
+            skipped.append({"workload": work.name, "instrument": inst.name, "reason": reason})
     elapsed = time.perf_counter() - started
     meta = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": "make bench  (.venv/bin/python benchmarks/overhead.py " + " ".join(sys.argv[1:]) + ")",
         "machine": machine(), "load_start": load_start, "load_end": [round(x, 2) for x in os.getloadavg()],
-        "elapsed_s": elapsed, "verdicts": verdicts(results),
+        "elapsed_s": elapsed, "verdicts": verdicts(results), "skipped": skipped, "absent": ABSENT,
+        "peers": peer_versions(results),
         "method": "interleaved A (plain) / B (watched) steps in one process; B's time includes draining "
-                  "freezeframe's writer thread after its step",
+                  "the instrument's background work after its step (freezeframe's writer thread, "
+                  "TensorBoard's writer.flush(), W&B's run.status() round trip; W&B's service CPU counted)",
     }
     print()
     busy = meta["load_start"][0] > meta["machine"]["cores"] or meta["load_end"][0] > meta["machine"]["cores"]
     meta["machine_busy"] = busy
     print_tables(results)
-    print("The watched model's time includes draining freezeframe's background writer after each of its "
-          "steps (rec._writer.drain()), so its work cannot hide in the plain model's steps.")
+    print("The watched model's time includes draining the instrument's background work after each of its "
+          "steps (freezeframe: rec._writer.drain(); TensorBoard: writer.flush(); W&B: run.status(), with "
+          "its service's CPU time added to the CPU ratio), so that work cannot hide in the plain model's steps.")
     for v in meta["verdicts"]:
         print(v)
+    for s in skipped:
+        print(f"skipped: {s['workload'].split(',')[0]} / {s['instrument']}: {s['reason']}")
+    for name, why in ABSENT.items():
+        print(f"not measured: {name}: {why}")
     if busy:
         print(f"WARNING: the machine was busy (load average {load_start} → {meta['load_end']} on "
               f"{meta['machine']['cores']} cores): other processes' CPU use makes these ratios noisy.")
@@ -756,9 +643,27 @@ def main(argv=None) -> int:
         out = ROOT / "benchmarks" / "results" / f"overhead-{day}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=_json_default))
-        write_markdown(ROOT / "docs" / "benchmarks.md", results, meta)
+        write_markdown(ROOT / "docs" / "benchmarks.md", results, meta, ABSENT)
         print(f"wrote {out.relative_to(ROOT)} and docs/benchmarks.md")
     return 0
+
+
+def peer_versions(results: list[dict]) -> str:
+    """The peers' versions, for the header of docs/benchmarks.md."""
+    out = []
+    if any(r["family"] == "wandb.watch" for r in results):
+        try:
+            import wandb
+            out.append(f"wandb {wandb.__version__} (offline)")
+        except ImportError:
+            pass
+    if any(r["family"] == "TensorBoard" for r in results):
+        try:
+            import tensorboard
+            out.append(f"tensorboard {tensorboard.__version__}")
+        except ImportError:
+            pass
+    return ", ".join(out)
 
 
 def _json_default(o):
