@@ -143,6 +143,13 @@ def verdicts(results: list[dict]) -> list[str]:
         rs = [r for r in results if _model(r) == model]
         every1 = next((r for r in rs if r["instrument"] == "freezeframe every=1"), None)
         default = next((r for r in rs if r["instrument"].startswith("freezeframe default")), None)
+        floor = next((r for r in rs if r["instrument"].startswith("floor")), None)
+        if every1 and floor:
+            gap = every1["ratio"] - floor["ratio"]
+            close = gap <= 0.05 + 0.1 * (floor["ratio"] - 1)  # within 5 points + 10 % of the floor's own cost
+            out.append(f"{model}, every step: freezeframe every=1 {every1['ratio']:.3f}× vs the floor "
+                       f"{floor['ratio']:.3f}×: {'close to the floor' if close else 'NOT close to the floor'} "
+                       f"({100 * gap:+.1f} points)")
         for peer in (r for r in rs if r.get("peer")):
             if peer["every"] != 1 and peer.get("recorded_in_loop") == 0:
                 out.append(f"{model}, sparse: no verdict for {peer['instrument']}: its measured pairs hold "
