@@ -126,6 +126,10 @@ def _cmp(ours: dict, peer: dict) -> str:
             f"{peer['ratio']:.3f}× (CPU {peer['cpu_ratio']:.3f}×): {word}")
 
 
+def _times(x: float) -> str:
+    return f"{x:.1f}×" if x < 10 else f"{x:.0f}×"
+
+
 def verdicts(results: list[dict]) -> list[str]:
     out = []
     for r in results:
@@ -159,10 +163,10 @@ def verdicts(results: list[dict]) -> list[str]:
             elif peer["every"] != 1 and default:
                 note = ""
                 if default["every"] and default["every"] < peer["every"]:
-                    note = (f" — freezeframe records {peer['every'] / default['every']:.0f}× as often "
+                    note = (f" — freezeframe records {_times(peer['every'] / default['every'])} as often "
                             f"(every {default['every']} vs every {peer['every']})")
                 elif default["every"] and default["every"] > peer["every"]:
-                    note = (f" — freezeframe records {default['every'] / peer['every']:.1f}× less often "
+                    note = (f" — freezeframe records {_times(default['every'] / peer['every'])} less often "
                             f"(every {default['every']} vs every {peer['every']})")
                 out.append(f"{model}, sparse: {_cmp(default, peer)}{note}")
     return out
