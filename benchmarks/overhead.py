@@ -56,6 +56,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))  # workloads, instrumen
 
 import freezeframe  # noqa: E402
 from instruments import Attached, PeerUnavailable, attach_floor, attach_freezeframe  # noqa: E402
+from machine import cpu_model  # noqa: E402
 from overhead_tables import print_tables, verdicts, write_markdown  # noqa: E402
 from peers import ABSENT, attach_tensorboard, attach_wandb  # noqa: E402
 from workloads import WORKLOADS, Workload, mlp, sgd, train_step, vectors  # noqa: E402
@@ -452,14 +453,7 @@ def prime() -> None:
 
 # --------------------------------------------------------------------------- reporting
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {"cores": len(os.sched_getaffinity(0)), "cpu": cpu, "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
             "freezeframe": freezeframe.__version__, "platform": platform.platform()}

@@ -71,6 +71,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
 sys.path.insert(0, str(SRC))  # run from a checkout even without `pip install -e`
 
+from machine import cpu_model  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
+
 MiB = 1024 * 1024
 TENSORS = (50, 200, 1000)
 STEPS = (1_000, 20_000, 100_000)
@@ -706,14 +708,7 @@ def machine() -> dict:
 
     from freezeframe import __version__
 
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3
     return {"cores": len(os.sched_getaffinity(0)), "cpu": cpu, "memory_gib": mem, "python": platform.python_version(),
             "pyarrow": pyarrow.__version__, "numpy": numpy.__version__, "plotly": plotly.__version__,
