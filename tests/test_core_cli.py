@@ -107,3 +107,44 @@ def test_summary_text_shows_modules_and_stages(run_dir, capsys):
     assert cli.main(["summary", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "all" in out and "classifier" in out and "features" in out
+
+
+def _cli(exe, env, *argv):
+    return subprocess.run([exe, *map(str, argv)], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_report_over_the_runs_own_manifest_is_refused_and_the_run_survives(run_dir, freezeframe_exe, cli_env):
+    """`freezeframe report RUN -o RUN/manifest.json`: one line, exit 2, the run byte for byte as it was."""
+    _clean_run(run_dir)
+    before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    out = _cli(freezeframe_exe, cli_env, "report", run_dir, "-o", run_dir / "manifest.json")
+    assert out.returncode == 2 and out.stdout == "", (out.returncode, out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "manifest.json" in lines[0] and "inside the run directory" in lines[0], lines[0]
+    assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == before
+    assert freezeframe.load(run_dir).summary()["run"]["steps"] == 2
+
+
+def test_record_report_record_again_with_overwrite_replaces_the_run_and_its_outputs(run_dir, freezeframe_exe, cli_env):
+    """The documented flow: record, `freezeframe report`, `--png`, record again with
+    mode="overwrite": the new run is there, with the new steps; the old run's report and PNGs,
+    part of the old run, are gone with it."""
+    _clean_run(run_dir)
+    assert _cli(freezeframe_exe, cli_env, "report", run_dir).returncode == 0
+    assert _cli(freezeframe_exe, cli_env, "report", run_dir, "--png", run_dir / "png").returncode == 0
+    assert (run_dir / "report.html").exists() and list((run_dir / "png").glob("*.png"))
+    model = build(SmallCNN, seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with freezeframe.watch(model, opt, run_dir, every=1, mode="overwrite") as rec:
+        with rec.stage("again"):
+            train(model, opt, 5)
+    run = freezeframe.load(run_dir)
+    s = run.summary()
+    assert run.steps().column("step").to_pylist() == [0, 1, 2, 3, 4]
+    assert [st["name"] for st in s["stages"]] == ["again"] and len(s["run"]["sessions"]) == 1
+    ref = run.reference()
+    start = build(SmallCNN, seed=1)
+    assert all(oracle.same_bytes(ref[n], p) for n, p in start.named_parameters())  # W_ref is the new model's
+    assert sorted(p.name for p in run_dir.iterdir()) == ["manifest.json", "reference.safetensors", "scalars",
+                                                         "steps", "tensors"]

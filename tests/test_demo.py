@@ -94,3 +94,70 @@ def test_demo_with_fastai(tmp_path, freezeframe_exe, cli_env):
     acc = json.loads((out / "demo.json").read_text())["accuracy"]
     before, stage1, stage2 = acc.values()
     assert before < stage1 < stage2, acc
+
+
+def _users_run(run_dir, mode="append"):
+    """A user's own run (another model than the demo's), as a plain PyTorch loop records it."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with freezeframe.watch(model, opt, run_dir, every=1, mode=mode):
+        for _ in range(4):
+            opt.zero_grad()
+            model(torch.randn(3, 5)).sum().backward()
+            opt.step()
+
+
+def _tree(path):
+    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None) for p in sorted(path.rglob("*"))}
+
+
+@pytest.mark.parametrize("how", ["a new run of the user's", "the user's run over an earlier demo run"])
+def test_demo_refuses_a_directory_holding_a_run_it_did_not_write(demo, tmp_path, how):
+    """`freezeframe demo --out DIR` where DIR holds the user's run: one line, exit 2, the run as it
+    was. The user's run may itself have replaced a demo run (mode="overwrite" over the demo's
+    folder, its demo.json included): the demo's own files count as part of the run it replaced."""
+    import shutil
+    import subprocess
+
+    _, exe, env, out, _ = demo
+    mine = tmp_path / "mine"
+    if how == "a new run of the user's":
+        _users_run(mine)
+    else:
+        shutil.copytree(out, mine)
+        _users_run(mine, mode="overwrite")
+        assert not (mine / "demo.json").exists() and not (mine / "report.html").exists()
+    assert freezeframe.load(mine).summary()["run"]["steps"] == 4
+    before = _tree(mine)
+    proc = subprocess.run([exe, "demo", "--out", str(mine), "--epochs", "1,1", "--pretrain-epochs", "1", "--no-report"],
+                          capture_output=True, text=True, env=dict(env, FREEZEFRAME_CACHE=str(tmp_path / "cache")),
+                          timeout=600)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(mine) in lines[0] and "did not write" in lines[0], lines[0]
+    assert _tree(mine) == before
+    assert freezeframe.load(mine).summary()["run"]["steps"] == 4
+
+
+def test_demo_may_replace_its_own_earlier_run_and_nothing_else(demo, tmp_path):
+    """What `--out` accepts before any work: a new or empty folder, an earlier demo run (its run,
+    report, PNGs and demo.json); a demo run with a file of the user's added is refused."""
+    import shutil
+
+    from freezeframe.demo import check_out
+    from freezeframe.errors import FreezeFrameError
+
+    check_out(tmp_path / "new")
+    (tmp_path / "empty").mkdir()
+    check_out(tmp_path / "empty")
+    earlier = tmp_path / "earlier"
+    shutil.copytree(demo[3], earlier)
+    check_out(earlier)
+    (earlier / "notes.txt").write_text("mine")
+    with pytest.raises(FreezeFrameError, match="notes.txt"):
+        check_out(earlier)

@@ -16,6 +16,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import FreezeFrameError
+from .store import layout
+from .store.layout import DEMO_MARKER
+from .store.outputs import is_run_dir, replacing
+
 CACHE_VERSION = 1
 
 
@@ -233,6 +238,42 @@ def fine_tune_fastai(model: DigitNet, data: dict[str, Split], out: str, seed: in
     return accs
 
 
+def check_out(out) -> None:
+    """The demo replaces only what it wrote: `out` must be new, empty, or an earlier demo run (its
+    run plus the demo's own files). Anything else is refused before any work, naming the reason."""
+    path = Path(out)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FreezeFrameError(f"--out {str(path)!r} is a file, not a folder: choose a new or empty folder")
+    names = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+    if not names:
+        return
+    if not is_run_dir(path):
+        raise FreezeFrameError(f"--out {str(path)!r} is not empty and holds no freezeframe run: "
+                               "choose a new or empty folder")
+    if not _written_by_demo(path):
+        raise FreezeFrameError(f"--out {str(path)!r} holds a freezeframe run the demo did not write: the demo never "
+                               "replaces another run; choose a new or empty folder")
+    foreign = [n for n in names if n not in layout.RUN_FILES and n not in layout.OWN_OUTPUTS]
+    if foreign:
+        raise FreezeFrameError(f"--out {str(path)!r} holds an earlier demo run and files the demo did not write "
+                               f"({', '.join(foreign[:5])}): move them or choose another folder")
+
+
+def _written_by_demo(path: Path) -> bool:
+    """The demo's marker is there and names this run (its `created` time; a marker of an older
+    freezeframe names none)."""
+    try:
+        marker = json.loads((path / DEMO_MARKER).read_text())
+        created = json.loads((path / layout.MANIFEST).read_text()).get("created")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not isinstance(marker, dict) or "accuracy" not in marker:
+        return False
+    return marker.get("run_created", created) == created
+
+
 def run_demo(*, out: str = "runs/demo", seed: int = 0, console=None, epochs=(3, 5), pretrain_epochs: int = 6,
              report: bool = True, fastai: bool = False) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -242,6 +283,7 @@ def run_demo(*, out: str = "runs/demo", seed: int = 0, console=None, epochs=(3, 
     from freezeframe.render.terminal import run_renderable
 
     t0 = time.perf_counter()
+    check_out(out)
     data = digits(seed)
     columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -249,9 +291,11 @@ def run_demo(*, out: str = "runs/demo", seed: int = 0, console=None, epochs=(3, 
         tune = fine_tune_fastai if fastai else fine_tune
         accs = tune(model, data, out, seed, epochs=epochs, progress=progress)
     run = freezeframe.load(out)
-    (Path(out) / "demo.json").write_text(json.dumps(
-        {"seed": seed, "fastai": fastai, "epochs": list(epochs), "pretrain_epochs": pretrain_epochs, "accuracy": accs,
-         "pretrained_from_cache": cached}, indent=2))
+    with replacing(Path(out) / DEMO_MARKER) as f:
+        f.write(json.dumps(
+            {"seed": seed, "fastai": fastai, "epochs": list(epochs), "pretrain_epochs": pretrain_epochs,
+             "accuracy": accs, "pretrained_from_cache": cached, "run_created": run.manifest.get("created")},
+            indent=2).encode())
     written = []
     if report:
         from freezeframe.analyse.figures import from_run

@@ -399,3 +399,89 @@ def test_a_damaged_compacted_file_and_a_foreign_parquet_file_are_skipped_by_name
     assert run.steps().column("step").to_pylist() == list(range(6))
     assert sorted(set(run.tensors().column("step").to_pylist())) == [4, 5]  # session 1's rows only
     run.summary()
+
+
+# ------------------------------------------------------------------------------ the crash window
+
+WINDOW_S = 1.0  # README "Reliability": every step recorded more than this long before a kill -9 is kept
+
+WINDOW_CHILD = r"""
+import os, sys, time
+import torch
+from torch import nn
+import freezeframe
+
+run_dir, times_path = sys.argv[1], sys.argv[2]
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 10))
+opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+side = open(times_path, "w")
+step = 0
+with freezeframe.watch(model, opt, run_dir) as rec:  # the default options: the default flush interval
+    with rec.stage("train"):  # one long stage: no stage end flushes for the steps
+        while True:
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            rec.log(loss=loss)
+            side.write(f"{step} {time.time()!r}\n")  # when the step ended, on disk before the next one
+            side.flush()
+            os.fsync(side.fileno())
+            step += 1
+            if step % 100 == 50:
+                time.sleep(1.3)  # a long pause (a validation, a slow batch): only the writer's timer flushes
+"""
+
+
+def _step_times(path: Path) -> dict[int, float]:
+    times = {}
+    for ln in _lines(path):
+        s, t = ln.split()
+        times[int(s)] = float(t)
+    return times
+
+
+@pytest.mark.parametrize("after_s", [2.5, 4.0])
+def test_a_kill_9_loses_nothing_recorded_more_than_a_second_before_it(tmp_path, after_s):
+    """A real training process with freezeframe's default options, killed with SIGKILL `after_s`
+    seconds after its first step: every step that ended more than 1 s before the kill (the child
+    logs each step's end time to a side file, fsynced) is in the run it leaves."""
+    script = tmp_path / "train.py"
+    script.write_text(WINDOW_CHILD)
+    run_dir, times_path = tmp_path / "run", tmp_path / "steps.txt"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    child = subprocess.Popen([sys.executable, str(script), str(run_dir), str(times_path)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while 0 not in _step_times(times_path):
+            assert child.poll() is None, child.stderr.read()
+            assert time.monotonic() < deadline, "the training made no step"
+            time.sleep(0.01)
+        first = _step_times(times_path)[0]
+        time.sleep(max(first + after_s - time.time(), 0))
+        killed_at = time.time()
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=60)
+    times = _step_times(times_path)
+    old = sorted(s for s, t in times.items() if t < killed_at - WINDOW_S)
+    assert len(old) > 20, f"too few steps before the window to test it: {len(old)} of {len(times)}"
+    run = freezeframe.load(run_dir)
+    kept = run.steps().column("step").to_pylist()
+    assert kept == list(range(len(kept))), "the recovered steps are not a prefix"
+    missing = sorted(set(old) - set(kept))
+    assert not missing, (f"{len(missing)} steps ended more than {WINDOW_S} s before the kill but are not in the run "
+                         f"(first {missing[0]}, which ended {killed_at - times[missing[0]]:.2f} s before it); "
+                         f"{len(kept)} of {len(times)} steps kept")
+    scalars = set(run.scalars().column("step").to_pylist())
+    assert set(old) <= scalars, "a logged loss older than the window is missing"
+    summary = run.summary()
+    assert summary["run"]["complete"] is False and summary["run"]["steps"] == len(kept)

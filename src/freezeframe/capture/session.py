@@ -24,7 +24,8 @@ class Options:
     reference: bool = True           # keep W_ref (one copy of the parameters) to measure drift
     reference_device: str | None = None  # where W_ref lives for drift ("cpu" spares accelerator memory)
     scaler: object = None            # a torch.amp.GradScaler: count the steps it skips (else null)
-    flush_seconds: float = 5.0       # the longest a step waits in memory before it is written
+    flush_seconds: float = 1.0       # a step is on disk at most about this long after it was recorded
+                                     # (the crash window: README "Reliability", docs/run-format.md)
     hash_threads: int = 2            # threads hashing tensors at stage boundaries
     framework: str = "torch"         # set by integrations: "fastai", "lightning"
     skips_known: bool = False        # set by integrations that report cancelled steps
@@ -147,9 +148,13 @@ def _distribute_stored(refs: list, names: list[str], tensors: list[torch.Tensor]
             refs[i] = distribute_tensor(src, mesh, t.placements, src_data_rank=0)
 
 
-def check_same_model(path: Path, stored: list | None, mine: list) -> None:
-    """mode="append" continues only a run of the same model: same parameter names, shapes, dtypes."""
+def check_same_model(path: Path, stored: list | None, mine: list, any_order: bool = False) -> None:
+    """mode="append" continues only a run of the same model: same parameter names, shapes, dtypes.
+    `any_order`: a run whose parameters grew while recording lists them in the order they
+    appeared, so this model's own order may differ (docs/recording.md)."""
     if stored == mine:
+        return
+    if any_order and stored is not None and sorted(stored, key=lambda r: r[0]) == sorted(mine, key=lambda r: r[0]):
         return
     raise FreezeFrameError(f"{str(path)!r} holds a run of a different model ({_first_difference(stored or [], mine)}); "
                            "use another run directory or mode='overwrite'")

@@ -450,11 +450,12 @@ def _version() -> str:
 
 
 def write_html(run, path, *, data: dict | None = None, depth: int | None = None) -> Path:
-    """Write the report to `path` (one self-contained file); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = render_html(run, data=data, depth=depth)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    """Write the report to `path` (one self-contained file); returns the path. Refused, before
+    any work, over a file of a run, over an existing file that is not HTML, in a directory that
+    cannot be written (docs/run-format.md, "What is written where")."""
+    from ..store.outputs import check_report_file, replacing
+
+    path = check_report_file(path, runs=(run.path,) if getattr(run, "path", None) else ())
+    with replacing(path) as f:
+        f.write(render_html(run, data=data, depth=depth).encode("utf-8"))
     return path

@@ -28,7 +28,10 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI, facecolor="white")
+    from ..store.outputs import replacing
+
+    with replacing(path) as f:  # complete or not there at all
+        fig.savefig(f, format="png", dpi=DPI, facecolor="white")
     return path
 
 
@@ -206,9 +209,11 @@ def write_pngs(run, out_dir, *, data: dict | None = None, depth: int | None = No
     """Write every figure of `run` as a PNG into `out_dir` (loss.png only when a loss was logged)."""
     from ..analyse.figures import from_run
 
+    from ..store.outputs import check_png_dir, make_dir
+
+    out = check_png_dir(out_dir, runs=(run.path,) if getattr(run, "path", None) else ())
     data = from_run(run, depth=depth) if data is None else data
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     paths = [freeze_map_png(data["freeze_map"], out / FILES["freeze_map"]),
              heatmap_png(data["heatmap"], out / FILES["heatmap"]),
              lr_png(data["lr"], out / FILES["lr"]),

@@ -14,6 +14,18 @@ STEPS = "steps"        # one row per applied optimizer step
 TENSORS = "tensors"    # one row per recorded tensor per recorded step
 SCALARS = "scalars"    # one row per value given to Recorder.log()
 TABLES = (STEPS, TENSORS, SCALARS)
+RUN_FILES = (MANIFEST, REFERENCE, LOCK, *TABLES)  # the run itself
+
+# freezeframe's own outputs kept in a run directory: part of the run (mode="overwrite" replaces
+# them with it), and the only things `freezeframe report` and the demo write inside a run
+REPORT = "report.html"
+PNG_DIR = "png"
+DEMO_MARKER = "demo.json"  # written by `freezeframe demo`: this run is the demo's
+OWN_OUTPUTS = (REPORT, PNG_DIR, DEMO_MARKER)
+
+# mode="overwrite" renames the old run into this folder first and deletes it only once the new
+# run's manifest is written (docs/run-format.md, "Replacing a run")
+REPLACED = ".replaced"
 
 # Columns of the per-step table. `lr`, `momentum`, `weight_decay` hold one value per param
 # group (global group index, in the stage's group order); `grads` is a bitmask over parameter
