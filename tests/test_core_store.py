@@ -286,3 +286,100 @@ def test_load_gives_a_clear_error_naming_what_is_not_a_run(run_dir, tmp_path, da
     assert isinstance(e.value, freezeframe.FreezeFrameError)
     assert str(target) in str(e.value)
     assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------ reading a run that is being written
+
+LIVE_TRAINING = r"""
+import sys, time
+from pathlib import Path
+import torch
+from torch import nn
+import freezeframe
+
+run_dir, stop = sys.argv[1], Path(sys.argv[2])
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+with freezeframe.watch(model, opt, run_dir, every=1, flush_seconds=0.05) as rec:
+    with rec.stage("training"):
+        step = 0
+        while not stop.exists():
+            opt.zero_grad()
+            model(torch.randn(4, 3)).sum().backward()
+            opt.step()
+            step += 1
+            if step == 5:
+                print("ready", flush=True)
+            time.sleep(0.02)
+print("done", step, flush=True)
+"""
+
+
+def test_a_run_read_while_its_training_process_is_still_running_is_in_progress(tmp_path, freezeframe_exe, cli_env):
+    run_dir, stop = tmp_path / "live", tmp_path / "stop"
+    script = tmp_path / "train.py"
+    script.write_text(LIVE_TRAINING)
+    proc = subprocess.Popen([sys.executable, str(script), str(run_dir), str(stop)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli_env)
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read() if proc.poll() is not None else ""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if (run_dir / "manifest.json").exists() and freezeframe.load(run_dir).steps().num_rows >= 5:
+                break
+            time.sleep(0.1)
+        env = dict(cli_env, COLUMNS="300")
+        summary = subprocess.run([freezeframe_exe, "summary", str(run_dir)], capture_output=True, text=True,
+                                 env=env, timeout=120)
+        check = subprocess.run([freezeframe_exe, "check", str(run_dir)], capture_output=True, text=True,
+                               env=env, timeout=120)
+        assert proc.poll() is None, "training ended before it was read"
+        head = summary.stdout.splitlines()[0]
+        assert summary.returncode == 0 and "in progress (" in head and "steps so far)" in head, summary.stdout
+        assert "INTERRUPTED" not in summary.stdout + check.stdout
+        assert check.returncode == 0 and "in progress (" in check.stdout, check.stdout + check.stderr
+        run = freezeframe.load(run_dir)
+        assert run.live and proc.poll() is None
+        assert run.summary()["run"]["in_progress"] is True and run.summary()["run"]["complete"] is False
+    finally:
+        stop.write_text("")
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and out.startswith("done"), err
+    done = freezeframe.load(run_dir)
+    assert not done.live and done.summary()["run"]["complete"] is True and done.fully_read()
+    assert done.steps_read == int(out.split()[1])
+
+
+def test_reading_during_the_end_of_session_compaction_reports_no_damage(run_dir, monkeypatch):
+    """The reader lists the chunks, then the session closes (its real compaction merges and
+    removes them) before the reader opens them: the vanished chunks are re-listed, never
+    reported as damaged."""
+    from freezeframe.store import reader
+
+    model = build(SmallCNN)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = freezeframe.watch(model, opt, run_dir, every=1, flush_seconds=0.01)
+    for k in range(4):
+        train(model, opt, 1, start=k)
+        time.sleep(0.05)  # a chunk per step
+    rec._writer.drain()
+    chunks = sorted((run_dir / "steps").glob("s000-0*.parquet"))
+    assert len(chunks) >= 2, chunks
+
+    listing = reader._chunk_files
+    closed = []
+
+    def list_then_compact(folder):
+        files = listing(folder)
+        if not closed:
+            rec.close()  # the end of the session, between listing and reading
+            closed.append(True)
+        return files
+
+    monkeypatch.setattr(reader, "_chunk_files", list_then_compact)
+    run = freezeframe.load(run_dir)
+    assert closed and not any(f.exists() for f in chunks), "the compaction did not run in between"
+    assert run.warnings == [] and run.unreadable == []
+    assert run.steps().column("step").to_pylist() == [0, 1, 2, 3]
+    assert len(run.tensors()) and run.fully_read()

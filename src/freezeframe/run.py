@@ -35,6 +35,31 @@ class Run:
     def warnings(self) -> list[str]:
         return list(self._stored.warnings)
 
+    @property
+    def live(self) -> bool:
+        """The run's writer.lock is held by a live process: training is still in progress."""
+        return self._stored.live
+
+    @property
+    def steps_expected(self) -> int | None:
+        """The number of steps the manifest says were applied (its `steps_total`)."""
+        return self._stored.steps_expected
+
+    @property
+    def unreadable(self) -> list[str]:
+        """One line per chunk that could not be read (damaged or truncated)."""
+        return list(self._stored.unreadable)
+
+    @property
+    def steps_read(self) -> int:
+        """The number of step rows that could be read."""
+        return self._stored.steps.num_rows
+
+    def fully_read(self) -> bool:
+        """Every chunk was read and at least the steps the manifest expects are there."""
+        expected = self.steps_expected
+        return not self._stored.unreadable and (expected is None or self.steps_read >= expected)
+
     def summary(self) -> dict:
         if self._summary is None:
             from .analyse.summary import build_summary
@@ -95,4 +120,12 @@ class Run:
     def __repr__(self) -> str:
         s = self.summary()["run"]
         return (f"<freezeframe.Run {str(self.path)!r}: {len(self.summary()['stages'])} stages, {s['steps']} steps, "
-                f"{s['tensors_total']} tensors{'' if s['complete'] else ', interrupted'}>")
+                f"{s['tensors_total']} tensors{_state(self, s)}>")
+
+
+def _state(run: Run, s: dict) -> str:
+    if run.live:
+        return ", in progress"
+    if not run.fully_read():
+        return ", damaged: not every step could be read"
+    return "" if s["complete"] else ", interrupted"

@@ -3,6 +3,8 @@ safetensors), read without executing pickled code, as {name: tensor}."""
 
 from __future__ import annotations
 
+import codecs
+import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -103,6 +105,9 @@ def _torch_load(path: Path):
                 "freezeframe only loads tensors and plain data (save a state_dict or safetensors instead)") from None
         detail = next((ln for ln in msg.splitlines() if "WeightsUnpickler" not in ln and ln.strip()
                        and "weights_only" not in ln and "Please file" not in ln), msg)
+        if "Unsupported operand" in detail:  # an opcode no saved checkpoint holds: damage, not objects
+            raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt "
+                                  f"(the pickle stream is broken: {_first_line(detail)})") from None
         raise CheckpointError(f"{path}: refused — it holds objects other than tensors and plain data "
                               f"({_first_line(detail)})") from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, AttributeError, TypeError) as e:
@@ -112,6 +117,40 @@ def _torch_load(path: Path):
 
 def _first_line(s: str) -> str:
     return s.strip().splitlines()[0][:200] if s.strip() else "no detail"
+
+
+# Formats that are not checkpoints but are often passed by mistake, by their first bytes.
+_MAGIC = [(b"\x93NUMPY", "a NumPy .npy array file"), (b"\x89HDF\r\n\x1a\n", "an HDF5 file (e.g. Keras .h5)"),
+          (b"\x1f\x8b", "a gzip-compressed file"), (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
+          (b"%PDF", "a PDF document")]
+_SNIFF = 1 << 16
+_JSON_MAX = 64 << 20
+
+
+def _not_a_torch_file(path: Path) -> str | None:
+    """What the file is, when it is clearly not a PyTorch save (a zip archive, or a pickle stream
+    of protocol 2 to 5); None when torch should try it. Never executes anything."""
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF)
+    if head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return None
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return what
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        text = decoder.decode(head, final=len(head) < _SNIFF)
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\t\n\r\f\ufeff" for c in text):
+        if text.lstrip("\ufeff \t\r\n")[:1] in ("{", "[") and path.stat().st_size <= _JSON_MAX:
+            try:
+                json.loads(path.read_text(encoding="utf-8-sig"))
+                return "a JSON file"
+            except (ValueError, RecursionError, UnicodeDecodeError):
+                pass
+        return "a text file"
+    return f"an unknown binary format (first bytes {head[:8].hex(' ')})"
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -154,6 +193,10 @@ def load_checkpoint(path) -> dict[str, torch.Tensor]:
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(str(e))})") from None
     else:
+        what = _not_a_torch_file(path)
+        if what is not None:
+            raise CheckpointError(f"{path}: not a checkpoint, it is {what} (expected a PyTorch state_dict, "
+                                  "a fastai or Lightning checkpoint, or a safetensors file)")
         obj = _torch_load(path)
         sd = None
         if isinstance(obj, dict):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import RunError
-from . import layout
+from . import indexspace, layout, validate
 
 log = logging.getLogger("freezeframe")
 
@@ -27,6 +29,9 @@ class StoredRun:
     tensors: pa.Table
     scalars: pa.Table
     warnings: list[str] = field(default_factory=list)
+    live: bool = False                  # writer.lock held by a live process: training in progress
+    steps_expected: int | None = None   # the manifest's steps_total
+    unreadable: list[str] = field(default_factory=list)  # one line per chunk that could not be read
 
     def reference(self) -> dict:
         """W_ref by tensor name (CPU tensors), {} when the run was recorded without one."""
@@ -54,16 +59,20 @@ def _chunk_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_table(folder: Path, schema: pa.Schema, warnings: list[str]) -> pa.Table:
+class _Vanished(Exception):
+    """A listed chunk was gone when read: merged into a `-compact` file meanwhile."""
+
+
+def _read_once(folder: Path, schema: pa.Schema, unreadable: list[str]) -> pa.Table:
     tables = []
     for f in _chunk_files(folder):
         try:
             t = pq.read_table(f)
             t = t.select(schema.names).cast(schema)
+        except FileNotFoundError:
+            raise _Vanished(f) from None
         except Exception as e:  # noqa: BLE001 - a damaged chunk must not stop the reader
-            msg = f"skipped damaged chunk {f} ({type(e).__name__}: {e})"
-            log.warning("freezeframe: %s", msg)
-            warnings.append(msg)
+            unreadable.append(f"skipped damaged chunk {f} ({type(e).__name__}: {e})")
             continue
         tables.append(t)
     if not tables:
@@ -71,29 +80,73 @@ def _read_table(folder: Path, schema: pa.Schema, warnings: list[str]) -> pa.Tabl
     return pa.concat_tables(tables)
 
 
-def _check_manifest(mpath: Path, m: dict) -> None:
-    """The keys every reader relies on, with their types: a damaged manifest is named, not a KeyError."""
-    model = m.get("model")
-    problems = []
-    if not isinstance(model, dict):
-        problems.append("model")
-    else:
-        for key in ("params", "buffers", "modules"):
-            if not isinstance(model.get(key), list):
-                problems.append(f"model.{key}")
-        for i, p in enumerate(model.get("params") or []):
-            if not isinstance(p, dict) or not {"name", "numel", "shape", "module"} <= set(p):
-                problems.append(f"model.params[{i}]")
-                break
-    for key in ("stages", "sessions"):
-        if not isinstance(m.get(key, []), list):
-            problems.append(key)
-    for i, s in enumerate(m.get("stages") or []):
-        if not isinstance(s, dict) or "index" not in s or "name" not in s:
-            problems.append(f"stages[{i}]")
-            break
-    if problems:
-        raise RunError(f"{mpath} is damaged: missing or malformed {', '.join(problems)}")
+def _read_table(folder: Path, schema: pa.Schema, unreadable: list[str], tries: int = 3) -> pa.Table:
+    """Every readable chunk of one table. The writer's compaction at session close writes the
+    merged file before it removes the chunks, so a chunk that vanished between listing and
+    reading was compacted, not lost: the folder is listed again and read again."""
+    for _ in range(tries):
+        found: list[str] = []
+        try:
+            table = _read_once(folder, schema, found)
+        except _Vanished as gone:
+            last = gone
+            continue
+        unreadable.extend(found)
+        return table
+    unreadable.append(f"skipped chunk {last} (it vanished while being read, {tries} times)")
+    return schema.empty_table()
+
+
+def _lock_is_live(path: Path) -> bool:
+    """writer.lock names a process of this host that is still alive (docs/run-format.md)."""
+    try:
+        info = json.loads((path / layout.LOCK).read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    if not isinstance(info, dict) or info.get("host") != socket.gethostname():
+        return False  # a lock of another host cannot be probed: the manifest says what is known
+    pid = info.get("pid")
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _parse_manifest(path: Path, mpath: Path) -> dict:
+    try:
+        text = mpath.read_text()
+    except OSError as e:
+        raise RunError(f"{mpath}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise RunError(f"{mpath} is not text: the file is damaged") from None
+    if not text.strip():
+        raise RunError(f"{mpath} is empty: the run was never written (or its disk filled up)")
+    try:
+        manifest = json.loads(text)
+    except RecursionError:
+        raise RunError(f"{mpath} is damaged: it nests deeper than a manifest can "
+                       f"(more than {validate.MAX_DEPTH} levels)") from None
+    except ValueError as e:
+        raise RunError(f"{mpath} is truncated or not JSON ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("schema"), str) \
+            or not manifest["schema"].startswith("freezeframe.run/"):
+        raise RunError(f"{mpath} is not a freezeframe manifest")
+    version = manifest.get("schema_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise RunError(f"{mpath} is damaged: schema_version must be a whole number >= 1, got "
+                       f"{'nothing' if 'schema_version' not in manifest else ascii(version)[:40]}")
+    if version > layout.SCHEMA_VERSION:
+        raise RunError(f"{str(path)!r} was written with run schema version {version}, newer than this "
+                       f"freezeframe understands ({layout.SCHEMA_VERSION}): upgrade freezeframe")
+    validate.check_manifest(str(mpath), manifest)
+    return manifest
 
 
 def read_run(run_dir) -> StoredRun:
@@ -107,27 +160,15 @@ def read_run(run_dir) -> StoredRun:
     mpath = path / layout.MANIFEST
     if not mpath.exists():
         raise RunError(f"{str(path)!r} is not a freezeframe run: it has no {layout.MANIFEST}")
-    try:
-        text = mpath.read_text()
-    except OSError as e:
-        raise RunError(f"{mpath}: cannot be read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise RunError(f"{mpath} is not text: the file is damaged") from None
-    if not text.strip():
-        raise RunError(f"{mpath} is empty: the run was never written (or its disk filled up)")
-    try:
-        manifest = json.loads(text)
-    except ValueError as e:
-        raise RunError(f"{mpath} is truncated or not JSON ({e})") from None
-    if not isinstance(manifest, dict) or not str(manifest.get("schema", "")).startswith("freezeframe.run/"):
-        raise RunError(f"{mpath} is not a freezeframe manifest")
-    version = manifest.get("schema_version", 0)
-    if not isinstance(version, int) or version > layout.SCHEMA_VERSION:
-        raise RunError(f"{str(path)!r} was written with run schema version {version}, newer than this "
-                       f"freezeframe understands ({layout.SCHEMA_VERSION}): upgrade freezeframe")
-    _check_manifest(mpath, manifest)
-    warnings: list[str] = []
-    tables = {name: _read_table(path / name, schema, warnings) for name, schema in layout.SCHEMAS.items()}
+    live = _lock_is_live(path)  # before the manifest: a run that finishes meanwhile reads as complete
+    manifest = _parse_manifest(path, mpath)
+    unreadable: list[str] = []
+    tables = {name: _read_table(path / name, schema, unreadable) for name, schema in layout.SCHEMAS.items()}
+    for msg in unreadable:  # returned to every reader (summary header, check's refusal): logged at info
+        log.info("freezeframe: %s", msg)
+    manifest, tables[layout.TENSORS] = indexspace.to_reader(manifest, tables[layout.TENSORS])  # docs/run-format.md
     steps = tables[layout.STEPS].sort_by("step")
+    live = live and not manifest.get("complete")
     return StoredRun(path=path, manifest=manifest, steps=steps, tensors=tables[layout.TENSORS],
-                     scalars=tables[layout.SCALARS], warnings=warnings)
+                     scalars=tables[layout.SCALARS], warnings=list(unreadable), live=live,
+                     steps_expected=manifest.get("steps_total"), unreadable=unreadable)
