@@ -253,7 +253,7 @@ def check_summary_schema(doc: dict) -> None:
                      "present_from_stage": _is_int, "stages": lambda x: isinstance(x, list) and len(x) == n_stages})
         for k, e in enumerate(p["stages"]):
             _keys(e, f"{w}.stages[{k}]", {
-                "group": _opt(_is_int), "trainable": _bool, "in_optimizer": _bool, "grad_steps": _opt(_is_int),
+                "group": _opt(_is_int), "trainable": _opt(_bool), "in_optimizer": _bool, "grad_steps": _opt(_is_int),
                 "changed": _opt(_bool), "drift_abs": _opt(_is_num), "drift_rel": _opt(_is_num),
                 "update_ratio_median": _opt(_is_num),
             })
@@ -262,7 +262,7 @@ def check_summary_schema(doc: dict) -> None:
         _keys(m, w, {"name": _str, "type": _str, "stages": lambda x: isinstance(x, list) and len(x) == n_stages})
         _check("groups" in m or "group" in m, w, "missing the module's group(s)")
         for k, e in enumerate(m["stages"]):
-            _keys(e, f"{w}.stages[{k}]", {"trainable": lambda x: isinstance(x, bool) or x == "partial",
+            _keys(e, f"{w}.stages[{k}]", {"trainable": lambda x: x is None or isinstance(x, bool) or x == "partial",
                                           "changed": _opt(_bool), "drift_rel": _opt(_is_num)})
     for i, b in enumerate(doc["buffers"]):
         w = f"buffers[{i}]"

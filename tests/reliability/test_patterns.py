@@ -520,3 +520,83 @@ def test_a_meta_device_model_is_refused_clearly(tmp_path, where):
     msg = str(e.value)
     assert "meta" in msg and named in msg and "\n" not in msg, msg
     assert not run_dir.exists()
+
+
+# ------------------------------------------------------------------------------ a changed model
+
+
+def _seq_steps(model, opt, steps, start=0):
+    for s in range(start, start + steps):
+        g = torch.Generator().manual_seed(s)
+        x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("how", ["add_param_group", "track"])
+def test_a_layer_replaced_after_watch_starts_a_new_stage_that_is_not_a_continuation(run_dir, how):
+    """`model[2] = nn.Linear(...)` of the same shape, its tensors given to the optimizer, no
+    explicit stage: the next stage must not claim to start where the previous one ended, and
+    the new head's own tensors are recorded (their grad steps, their bytes at the end)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pytest.warns(RuntimeWarning, match="replaced: 2.weight, 2.bias"):
+        with freezeframe.watch(model, opt, run_dir, every=1) as rec:
+            _seq_steps(model, opt, 3)
+            model[2] = nn.Linear(6, 3)
+            head0 = oracle.state(model)
+            if how == "add_param_group":
+                opt.add_param_group({"params": list(model[2].parameters()), "lr": 0.1})
+                _seq_steps(model, opt, 3, start=3)
+            else:
+                opt2 = torch.optim.SGD(list(model[0].parameters()) + list(model[2].parameters()), lr=0.05)
+                rec.track(opt2)
+                _seq_steps(model, opt2, 3, start=3)
+    end = oracle.state(model)
+    run = freezeframe.load(run_dir)
+    st = run.manifest["stages"]
+    assert [s["steps"] for s in st] == [3, 3]
+    assert st[1]["model_changes"] == {"replaced": ["2.weight", "2.bias"], "added": [], "removed": []}
+    assert st[0]["model_changes"] is None
+    assert st[1]["starts_from_previous_end"] is False
+    assert {"2.weight", "2.bias"} <= set(st[1]["changed_since_previous_end"])
+    names = [p["name"] for p in run.manifest["model"]["params"]]
+    for n in ("2.weight", "2.bias"):
+        i = names.index(n)
+        assert st[1]["start_hashes"][i] == oracle.content_hash(head0[n])
+        assert st[1]["end_hashes"][i] == oracle.content_hash(end[n])
+        assert st[1]["grad_steps"][i] == 3
+    summary = _summary(run_dir)
+    assert [e["changed"] for e in _param(summary, "2.weight")["stages"]] == [True, True]
+    (f,) = [f for f in summary["findings"] if f["code"] == "model-changed"]
+    assert f["stage"] == 1 and f["params"] == ["2.weight", "2.bias"] and "replaced" in f["message"]
+
+
+def test_a_module_added_after_watch_is_a_model_change(run_dir):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pytest.warns(RuntimeWarning, match="new: 4.weight, 4.bias"):
+        with freezeframe.watch(model, opt, run_dir, every=1) as rec:
+            with rec.stage("three layers"):
+                _seq_steps(model, opt, 2)
+            model.append(nn.ReLU())
+            model.append(nn.Linear(3, 3))
+            opt.add_param_group({"params": list(model[4].parameters())})
+            with rec.stage("four layers"):
+                _seq_steps(model, opt, 2, start=2)
+    run = freezeframe.load(run_dir)
+    st = run.manifest["stages"]
+    assert [s["name"] for s in st] == ["three layers", "four layers"]
+    assert st[1]["model_changes"] == {"replaced": [], "added": ["4.weight", "4.bias"], "removed": []}
+    # recorded from the stage they appeared in: in the map, stepped, hashed at the stage's end
+    end = oracle.state(model)
+    names = [p["name"] for p in run.manifest["model"]["params"]]
+    assert names[-2:] == ["4.weight", "4.bias"]
+    for n in ("4.weight", "4.bias"):
+        assert st[1]["grad_steps"][names.index(n)] == 2
+        assert st[1]["end_hashes"][names.index(n)] == oracle.content_hash(end[n])
+        p = _param(_summary(run_dir), n)
+        assert p["present_from_stage"] == 1 and [e["trainable"] for e in p["stages"]] == [None, True]

@@ -60,9 +60,13 @@ class ParamInfo:
     numel: int
     dtype: str
     is_norm: bool
+    from_stage: int | None = None  # set for a parameter that appeared after watching began
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        if d["from_stage"] is None:
+            del d["from_stage"]
+        return d
 
 
 @dataclass
@@ -101,12 +105,17 @@ class ModelMap:
         """What must match for a run to be appended to: names, shapes and dtypes of the parameters."""
         return [[p.name, p.shape, p.dtype] for p in self.params]
 
+    buffers_at: int | None = None  # P0 once parameters were added (docs/run-format.md, "Tensor indices")
+
     def to_json(self) -> dict:
-        return {
+        out = {
             "params": [p.to_json() for p in self.params],
             "buffers": [b.to_json() for b in self.buffers],
             "modules": self.modules,
         }
+        if self.buffers_at is not None and self.buffers_at != len(self.params):
+            out["buffers_at"] = self.buffers_at
+        return out
 
 
 def build_model_map(model: nn.Module) -> ModelMap:
@@ -165,3 +174,32 @@ def build_model_map(model: nn.Module) -> ModelMap:
         btensors.append(b)
     return ModelMap(params=params, buffers=buffers, modules=modules,
                     param_tensors=tensors, buffer_tensors=btensors)
+
+
+OPTIMIZER_ONLY = "optimizer-only"
+
+
+def add_optimizer_only(model_map: ModelMap, views: list) -> list[int]:
+    """Tensors an optimizer holds that the model does not (a learnable temperature kept beside
+    the model): recorded as parameters `optimizer-only.pg{g}.{k}` (k: the tensor's place in
+    group g; `optimizer-only.opt{j}.pg{g}.{k}` with several optimizers), module
+    "optimizer-only", appended after the model's parameters (docs/recording.md). Returns their
+    indices. Call before anything is recorded: buffers are numbered after the parameters."""
+    known = {id(p) for p in model_map.param_tensors}
+    several = len(views) > 1
+    added = []
+    for j, view in enumerate(views):
+        for g, (_, params) in enumerate(view.groups()):
+            for k, p in enumerate(params):
+                if id(p) in known or not isinstance(p, torch.Tensor):
+                    continue
+                known.add(id(p))
+                name = f"{OPTIMIZER_ONLY}.{f'opt{j}.' if several else ''}pg{g}.{k}"
+                model_map.params.append(ParamInfo(
+                    name=name, aliases=[], module=OPTIMIZER_ONLY, module_type="Parameter",
+                    shape=list(p.shape), numel=p.numel(), dtype=str(p.dtype).removeprefix("torch."), is_norm=False))
+                model_map.param_tensors.append(p)
+                added.append(len(model_map.params) - 1)
+    if added and not any(m["name"] == OPTIMIZER_ONLY for m in model_map.modules):
+        model_map.modules.append({"name": OPTIMIZER_ONLY, "type": "Parameter", "is_norm": False})
+    return added

@@ -26,11 +26,14 @@ from .columns import Columns
 from .dist import Concord, Dist, NullWriter, PeerFailed
 from .scaler import ScalerWatch
 from .session import Options, check_same_model, load_or_create_reference, versions
-from .modelmap import build_model_map
+from .growth import ModelChanges, adopt_order
+from .modelmap import add_optimizer_only, build_model_map
+from ..store.indexspace import reader_list, stored_list, stored_tensor_index
+from .passes import PassHooks
 from .optim import OptimizerView, as_view, build_layout, unwrap_optimizer
+from .logvalues import describe as _describe, scalar as _scalar
 from .sampling import Sampler
 from .stagebook import StageBook
-from .structure import follow_replaced
 from .stages import StageRecord
 
 log = logging.getLogger("freezeframe")
@@ -38,7 +41,7 @@ log = logging.getLogger("freezeframe")
 STRUCTURE_CHECK_S = 2.0  # how often (at most) a step looks for replaced parameters: a walk of the model
 
 
-class Recorder:
+class Recorder(ModelChanges):
     """Watches one model and its optimizers; see `freezeframe.watch`. Use as a context manager
     or call `close()`. Every hook it places is removed by `close()`."""
 
@@ -66,11 +69,12 @@ class Recorder:
         self._dead = False
         try:
             self.map = build_model_map(model)
+            add_optimizer_only(self.map, self._views)
             self._params = self.map.param_tensors
             self._buffers = self.map.buffer_tensors
             self._names = self.map.names
-            self._P, self._B = len(self._params), len(self._buffers)
-            self._index_of = {id(p): i for i, p in enumerate(self._params)}
+            self._bind_map()
+            self._p0 = self._P  # parameters known when the run began (docs/run-format.md, "Tensor indices")
             if self._dist.writes:
                 self.path, existing = store.prepare_run_dir(run_dir, mode)
             else:
@@ -89,6 +93,8 @@ class Recorder:
             self._ref, self._ref_norms = load_or_create_reference(
                 self.path, self._names, self._params + self._buffers, existing, self.options,
                 save=self._dist.writes, agree=self._concord.agree)
+            if existing is not None and self._p0 != self._P:
+                self._ref_norms = reader_list(self._ref_norms, self._p0, self._P, self._B)
             self.session = len(self._sessions)
             self._sessions.append({
                 "index": self.session, "pid": os.getpid(), "host": socket.gethostname(),
@@ -125,7 +131,12 @@ class Recorder:
     # ------------------------------------------------------------------ set-up
     def _adopt(self, manifest: dict) -> None:
         """Continue a stored run (mode="append"): same model map or a clear refusal."""
-        check_same_model(self.path, manifest.get("signature"), self.map.signature())
+        stored_model = manifest.get("model") or {}
+        grown = stored_model.get("buffers_at", len(stored_model.get("params") or [])) != len(stored_model.get("params") or [])
+        check_same_model(self.path, manifest.get("signature"), self.map.signature(), any_order=grown)
+        if grown:  # parameters were added while recording: this session uses the stored order
+            self._p0 = adopt_order(self.path, self.map, stored_model)
+            self._bind_map()
         if manifest.get("framework") not in (None, self.options.framework):
             log.info("freezeframe: appending %s stages to a %s run", self.options.framework, manifest["framework"])
         self._created = manifest.get("created", self._created)
@@ -136,6 +147,11 @@ class Recorder:
         stored_run = read_run(self.path)
         last = stored_run.steps.column("step").to_pylist()
         self._step = max([manifest.get("steps_total", 0)] + [s + 1 for s in last[-1:]])
+
+    def _bind_map(self) -> None:
+        self._names = self.map.names
+        self._P, self._B = len(self._params), len(self._buffers)
+        self._index_of = {id(p): i for i, p in enumerate(self._params)}
 
     def _init_state(self) -> None:
         P = self._P
@@ -155,13 +171,17 @@ class Recorder:
         self._last_flush = time.monotonic()
         self._count_forwards = True
         self._structure_checked = time.perf_counter()
-        self._warned: set[str] = set()
+        self._warned: set = set()
+        self._seen_new: set[str] = set()   # names the model gained (reported once)
+        self._seen_gone: set[str] = set()  # names it lost (reported once)
+        self._stepped: dict[int, set[int]] = {}  # per stage index: the optimizers that applied a step in it
         self._bounds = BoundaryTracker(self._params, self._buffers, self.options.hash_threads,
                                        agree=self._concord.check)
         self._book = StageBook(stages=self._stages, session=self.session, names=self._names, params=self._params,
                                buffers=self._buffers, bounds=self._bounds, views=self._views, refs=self._ref,
                                skips_known=self.options.skips_known or self.options.scaler is not None,
                                hash_threads=self.options.hash_threads)
+        self._book.p0 = self._p0
 
     def _install_hooks(self) -> None:
         for j, view in enumerate(self._views):
@@ -173,8 +193,8 @@ class Recorder:
             me = weakref.ref(self)
             self._handles.append(ScalerWatch(self.options.scaler, lambda: getattr(me(), "_step", None),
                                              _weak(self._hook_skipped)))
-        self._handles.append(self.model.register_forward_pre_hook(_weak(self._hook_forward_pre)))
-        self._handles.append(self.model.register_forward_hook(_weak(self._hook_forward_post)))
+        self._passes = PassHooks(self.model, _weak(self._hook_forward_pre), _weak(self._hook_forward_post), _weak)
+        self._handles.append(self._passes)  # removed with the others (PassHooks.remove)
         self._hook_new_trainable()
 
     def _hook_new_trainable(self) -> None:
@@ -213,8 +233,10 @@ class Recorder:
         self._concord.fail(exc)  # the other ranks stop at their next agreement, wherever it is
         what = (f"in {where}: {exc}" if isinstance(exc, PeerFailed)
                 else f"after an internal error in {where}: {type(exc).__name__}: {exc}")
+        kept = ("steps recorded so far are kept" if Path(self.path).is_dir()
+                else "the run directory is gone, so nothing of this run is kept")
         warnings.warn(f"freezeframe stopped recording {str(self.path)!r} {what}. "
-                      "Training is not affected; steps recorded so far are kept.", RuntimeWarning, stacklevel=3)
+                      f"Training is not affected; {kept}.", RuntimeWarning, stacklevel=3)
         log.debug("freezeframe internal error", exc_info=exc)
         self._error = f"{where}: {type(exc).__name__}: {exc}"
         try:
@@ -266,19 +288,22 @@ class Recorder:
         except Exception as e:  # noqa: BLE001 - runs inside the user's backward: never raise there
             self._fail("the gradient hook", e)
 
-    def _hook_forward_pre(self, module, args):
-        self._guard("the forward pre-hook", self._forward_pre, module, torch.is_grad_enabled(), grad_off=False)
+    def _hook_forward_pre(self, module, count: bool = True):
+        self._guard("the forward pre-hook", self._forward_pre, module, torch.is_grad_enabled(), count, grad_off=False)
 
-    def _hook_forward_post(self, module, args, output):
+    def _hook_forward_post(self):
         self._guard("the forward hook", self._forward_post, grad_off=False)
 
     # ------------------------------------------------------------------ forward passes
-    def _forward_pre(self, module, grad_enabled: bool) -> None:
+    def _forward_pre(self, module, grad_enabled: bool, count: bool = True) -> None:
+        """A pass begins (`count`: it is one to count; see capture/passes.py)."""
         if self._fwd_t0 is None and module.training and self.sampler.calibrating:
             self._fwd_t0, self._own_before_fwd = time.perf_counter(), self._own_s
         self._bounds.detect_buffer_writes()
         if grad_enabled and not self._hooked.all():  # training in eval mode (frozen BN stats) too
             self._hook_new_trainable()
+        if not count:
+            return
         if module.training:
             if self._count_forwards:
                 self._pending_train_fwd += 1
@@ -310,6 +335,7 @@ class Recorder:
         self._bounds.detect_buffer_writes()
         view = self._views[j]
         if view.membership_key() != self._layout.key[j]:
+            self._check_structure()  # groups changed: a replaced layer's tensors may come with them
             self._layout = build_layout(self._views, self._index_of, self._P)
             self._count_idx = [np.union1d(m, self._layout.orphans) for m in self._layout.members]
         flags = [p.requires_grad for p in self._params]
@@ -337,24 +363,6 @@ class Recorder:
             pending["before"] = metrics.snapshot([self._params[i] for i in cand])
             pending["rec_s"] = time.perf_counter() - t0
         self._pending = pending
-
-    def _check_structure(self) -> None:
-        """Follow parameters replaced under the same name; report new or vanished names once."""
-        self._structure_checked = time.perf_counter()
-        rebound, new, gone = follow_replaced(self.model, self.map, self._params, self._index_of, self._ref,
-                                             self._ref_norms, self.options.reference)
-        if rebound:
-            log.info("freezeframe: following replaced parameters %s", ", ".join(self._names[i] for i in rebound))
-            self._hooked[rebound] = False
-            self._layout = build_layout(self._views, self._index_of, self._P)
-            self._count_idx = [np.union1d(m, self._layout.orphans) for m in self._layout.members]
-        if (new or gone) and "structure" not in self._warned:
-            self._warned.add("structure")
-            warnings.warn(
-                f"freezeframe: the model's parameters changed while recording {str(self.path)!r}"
-                + (f"; new: {', '.join(new[:5])}{' ...' if len(new) > 5 else ''} (not recorded)" if new else "")
-                + (f"; gone: {', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''} (their record ends)" if gone else "")
-                + ". To record a different model, start a new run.", RuntimeWarning, stacklevel=4)
 
     def _agree_every(self) -> None:
         """Rank 0's `every`, for every rank (one agreement, on the same step everywhere)."""
@@ -388,10 +396,15 @@ class Recorder:
             t0 = time.perf_counter()
             self._record_metrics(step, pending["cand"], pending["before"])
             rec_s += time.perf_counter() - t0
+        self._book.note_applied(stage, step)
+        stepped = self._stepped.get(stage.index)
+        if stepped is None or j not in stepped:
+            self._note_stepped(stage, j)
         stage.steps += 1
         stage.last_step = step
         stage.forward_passes["train"] += self._pending_train_fwd
         self._pending_train_fwd = 0
+        self._passes.after_step()
         self._step += 1
         self._bounds.after_step()  # versions prove what is not written after this step
         flush_s = 0.0
@@ -405,18 +418,32 @@ class Recorder:
             self._last_rec_s = rec_s
             self._own_s -= flush_s
 
+    def _note_stepped(self, stage: StageRecord, j: int) -> None:
+        """Optimizer j applies its first step of the stage: tensors that another optimizer which
+        stepped in it holds too are stepped twice per iteration."""
+        stepped = self._stepped.setdefault(stage.index, set())
+        stepped.add(j)
+        if len(stepped) > 1:
+            counts = np.zeros(self._P, dtype=np.int64)
+            for k in stepped:
+                counts[self._layout.members[k]] += 1
+            stage.shared_between_optimizers = [self._names[i] for i in np.flatnonzero(counts > 1)]
+
     def _record_metrics(self, step: int, cand: list[int], before: list[torch.Tensor]) -> None:
         P = self._P
         pcols, bcols = metrics.step_metrics([self._params[i] for i in cand], before, [self._ref[i] for i in cand],
                                             self._buffers, self._ref[P:], agree=self._concord.check)
-        self._cols.add_tensors(step, np.asarray(cand, dtype=np.int32), *pcols)
+        idx = np.asarray(cand, dtype=np.int32)
+        if P != self._p0:  # parameters were added: stored indices put them after the buffers
+            idx = stored_tensor_index(idx, self._p0, P, self._B).astype(np.int32)
+        self._cols.add_tensors(step, idx, *pcols)
         if self._B:
-            self._cols.add_tensors(step, np.arange(P, P + self._B, dtype=np.int32), *bcols)
+            self._cols.add_tensors(step, np.arange(self._p0, self._p0 + self._B, dtype=np.int32), *bcols)
 
     # ------------------------------------------------------------------ boundaries
-    def _capture_end(self) -> None:
+    def _capture_end(self, detected: str = "stage_end") -> None:
         """A known stage end (explicit stage exit, framework boundary, close): hash everything."""
-        if self._book.capture_end():
+        if self._book.capture_end(detected):
             self._flush()
 
     # ------------------------------------------------------------------ the store
@@ -424,7 +451,8 @@ class Recorder:
         return {
             "schema": "freezeframe.run/1", "schema_version": 1, "framework": self.options.framework,
             "created": self._created, "complete": complete, "steps_total": self._step,
-            "reference": bool(self.options.reference), "ref_norms": [_finite(x) for x in self._ref_norms],
+            "reference": bool(self.options.reference),
+            "ref_norms": [_finite(x) for x in stored_list(self._ref_norms, self._p0, self._P, self._B)],
             "signature": self.map.signature(), "model": self.map.to_json(),
             "sessions": self._sessions, "stages": [s.to_json() for s in self._stages],
             "error": getattr(self, "_error", None),
@@ -494,6 +522,13 @@ class Recorder:
         self._layout = build_layout(self._views, self._index_of, self._P)
         self._count_idx = [np.union1d(m, self._layout.orphans) for m in self._layout.members]
 
+    def epoch(self) -> None:
+        """An epoch begins now: the next applied step is its first. Integrations call this at
+        each training epoch start; plain loops may call it at the top of their epoch loop. A
+        stage's `epoch_starts` and `epochs` then state the epochs it applied steps in."""
+        if not (self._dead or self._closed):
+            self._guard("epoch()", self._book.epoch)
+
     def log(self, **scalars) -> None:
         """Attach scalars (e.g. loss=...) to the most recent applied step."""
         if self._dead or self._closed or self._book.current is None:
@@ -502,9 +537,15 @@ class Recorder:
 
     def _log(self, scalars: dict) -> None:
         for name, value in scalars.items():
-            if isinstance(value, torch.Tensor):
-                value = value.detach().float().item()  # a sync point, as the user's own .item() would be
-            self._cols.add_scalar(self._step - 1, str(name), float(value))
+            number = _scalar(value)
+            if number is None:  # that one value is skipped, with one warning per key and type
+                what = _describe(value)
+                if ("log", name, what) not in self._warned:
+                    self._warned.add(("log", name, what))
+                    warnings.warn(f"freezeframe: rec.log({name}=...) got {what}, not a real number; that value is "
+                                  "not recorded (recording goes on)", RuntimeWarning, stacklevel=4)
+                continue
+            self._cols.add_scalar(self._step - 1, str(name), number)
 
     # -- for integrations whose optimizer has no torch step hooks (fastai): they call these ----
     def step_begin(self, optimizer: int = 0) -> None:
@@ -559,7 +600,7 @@ class Recorder:
             return
         try:
             if not self._dead:
-                self._capture_end()
+                self._capture_end("close")
                 self._concord.check()  # learn of another rank's failure here at the latest
                 self._sessions[self.session]["ended"] = time.time()
                 self._flush(complete=complete)

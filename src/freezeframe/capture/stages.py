@@ -22,7 +22,9 @@ class StageRecord:
     steps: int = 0
     skipped_steps: int | None = None
     complete: bool = False
-    epochs: int | None = None
+    epochs: int | None = None      # epochs the stage applied steps in (len(epoch_starts)), null if none announced
+    epoch_starts: list | None = None  # step at which each of its epochs began (see Recorder.epoch)
+    epochs_planned: int | None = None  # the count an integration planned (begin_stage(epochs=N))
     forward_passes: dict = field(default_factory=lambda: {"train": 0, "eval": 0})
     lr_nominal: list = field(default_factory=list)   # per group: the peak the schedule states
     lr_nominal_floor: list = field(default_factory=list)  # per group: that schedule's lowest lr, if stale-prone
@@ -37,6 +39,17 @@ class StageRecord:
     meta: dict = field(default_factory=dict)          # framework facts, as given
     optimizer_state_start: list = field(default_factory=list)  # per optimizer: tensors with state
     optimizer_state_end: list | None = None
+    outside_writes: list = field(default_factory=list)    # tensors written outside an optimizer step
+    model_changes: dict | None = None                     # the model's tensor set changed before this stage
+    shared_between_optimizers: list = field(default_factory=list)  # names stepped by several optimizers
+
+    def note_epoch_start(self, step: int) -> None:
+        """The stage's first applied step in an epoch."""
+        if self.epoch_starts is None:
+            self.epoch_starts = []
+        if not self.epoch_starts or self.epoch_starts[-1] != step:
+            self.epoch_starts.append(step)
+        self.epochs = len(self.epoch_starts)
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
@@ -64,7 +77,9 @@ def judge_continuity(stage: StageRecord, prev: StageRecord | None, names: list[s
     """Fill the stage's continuity facts from `prev`'s end hashes and its own start hashes.
 
     A None in `prev.end_hashes` is a tensor written after `prev`'s last step at a boundary only
-    discovered later (its end bytes were never hashed): it is listed as changed."""
+    discovered later (its end bytes were never hashed): it is listed as changed. Lists and
+    `names` are in stored order (docs/run-format.md, "Tensor indices"): a tensor past the end
+    of `prev`'s list is one that appeared since, with no previous end to compare."""
     if prev is None:
         stage.compared_with = None
         stage.changed_since_previous_end = []
@@ -73,10 +88,13 @@ def judge_continuity(stage: StageRecord, prev: StageRecord | None, names: list[s
         return
     stage.compared_with = prev.index
     end = prev.end_hashes
+    n_known = len(names)
     if end is None:
         end = [None] * len(names)
+    else:  # lists in stored order: tensors after the end of `prev`'s list appeared since (not compared)
+        n_known = len(end)
     changed = []
-    for i, name in enumerate(names):
+    for i, name in enumerate(names[:n_known]):
         e = end[i] if i < len(end) else None
         s = stage.start_hashes[i] if i < len(stage.start_hashes) else None
         if e is None or s is None or e != s:

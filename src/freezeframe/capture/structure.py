@@ -1,25 +1,43 @@
-"""Parameters replaced while recording: a new head under the same name is followed; names that
-appear or disappear are reported by the caller."""
+"""The model's tensor set while recording: a tensor replaced under the same name
+(`model.fc = nn.Linear(...)`) is followed from then on, as a new tensor (version counters
+belong to tensor objects: a new tensor under an old name never continues the old one); names
+that appear or disappear are reported by the caller (docs/recording.md)."""
 
 from __future__ import annotations
 
 import torch
 
-from .modelmap import ModelMap, normalise_name, unwrap
+from .modelmap import OPTIMIZER_ONLY, ModelMap, normalise_name, unwrap
 
 
-def follow_replaced(model: torch.nn.Module, model_map: ModelMap, params: list, index_of: dict, refs: list,
-                    ref_norms: list, keep_reference: bool) -> tuple[list[int], list[str], list[str]]:
-    """Rebind, in place, every parameter the model now holds under a known name but as another
-    tensor (`model.fc = nn.Linear(...)`). A tensor of another shape or dtype has no reference:
-    its drift counts from its first value. Returns (rebound indices, new names, gone names)."""
-    current = {normalise_name(n): p for n, p in unwrap(model).named_parameters()}
-    rebound = []
+def scan(model: torch.nn.Module, model_map: ModelMap, params: list) -> tuple[list[tuple[int, torch.Tensor]],
+                                                                               list[str], list[str]]:
+    """One walk of the model's parameters: ([(index, the tensor now under that name)] for every
+    known name that holds another tensor object, new names, names gone), in model order."""
+    current = {}
+    for n, p in unwrap(model).named_parameters(remove_duplicate=False):
+        current.setdefault(normalise_name(n), p)
+    replaced = []
+    known = set()
     for i, info in enumerate(model_map.params):
-        p = current.get(info.name)
-        if p is None or p is params[i]:
+        if info.module == OPTIMIZER_ONLY:
             continue
-        del index_of[id(params[i])]
+        known.update([info.name, *info.aliases])
+        p = current.get(info.name)
+        if p is not None and p is not params[i]:
+            replaced.append((i, p))
+    gone = [info.name for info in model_map.params if info.module != OPTIMIZER_ONLY and info.name not in current]
+    return replaced, [n for n in current if n not in known], gone
+
+
+def rebind(replaced: list[tuple[int, torch.Tensor]], model_map: ModelMap, params: list, index_of: dict,
+           refs: list, ref_norms: list, keep_reference: bool) -> list[int]:
+    """Rebind, in place, each replaced parameter. A tensor of another shape or dtype has no
+    reference: its drift counts from its first value. Returns the rebound indices."""
+    rebound = []
+    for i, p in replaced:
+        info = model_map.params[i]
+        index_of.pop(id(params[i]), None)
         params[i] = p
         index_of[id(p)] = i
         dtype = str(p.dtype).removeprefix("torch.")
@@ -28,5 +46,4 @@ def follow_replaced(model: torch.nn.Module, model_map: ModelMap, params: list, i
             refs[i] = p.detach().clone() if keep_reference else None
             ref_norms[i] = float(p.detach().double().norm()) if keep_reference else None
         rebound.append(i)
-    known = {n for info in model_map.params for n in [info.name, *info.aliases]}
-    return rebound, sorted(set(current) - known), sorted(known - set(current))
+    return rebound
