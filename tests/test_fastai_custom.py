@@ -404,3 +404,46 @@ def test_a_callback_given_to_fine_tune_names_both_halves(tmp_path):
     assert [st["name"] for st in s["stages"]] == ["fine_tune(1) · frozen", "fine_tune(1) · unfrozen"]
     assert len(s["run"]["sessions"]) == 2
     assert s["stages"][1]["starts_from_previous_end"] is True
+
+
+def test_optimizer_state_of_an_optim_wrapper_is_the_torch_optimizers(tmp_path):
+    """fastai's OptimWrapper around torch's AdamW: the stages' optimizer-state counts are the torch
+    optimizer's own, and fine_tune's unfreeze() (OptimWrapper.clear_state: a new empty state) is
+    the optimizer-state-reset finding."""
+    from functools import partial
+
+    from fastai.optimizer import OptimWrapper
+
+    counts = []
+
+    class Counts(Callback):
+        order = 101  # after FreezeFrame
+
+        def before_fit(self):
+            counts.append([None, None])
+
+        def before_step(self):
+            if counts[-1][0] is None:
+                counts[-1][0] = sum(1 for st in self.learn.opt.opt.state.values() if st)
+
+        def after_fit(self):
+            counts[-1][1] = sum(1 for st in self.learn.opt.opt.state.values() if st)
+
+    run_dir = tmp_path / "run"
+    learn = custom_learner(tmp_path, opt_func=partial(OptimWrapper, opt=torch.optim.AdamW),
+                           cbs=[watching(run_dir, every=1), Counts()])
+    learn.fine_tune(1)
+    collect()
+    run = freezeframe.load(run_dir)
+    stages = run.manifest["stages"]
+    assert [(s["optimizer_state_start"], s["optimizer_state_end"]) for s in stages] == \
+        [([a], [b]) for a, b in counts]
+    assert counts[0][1] > 0 and counts[1][0] == 0
+    found = [f for f in run.findings() if f["code"] == "optimizer-state-reset"]
+    assert [f["stage"] for f in found] == [1]
+
+
+def test_every_and_mode_are_checked_when_the_callback_is_built(tmp_path):
+    for bad in ({"every": 0}, {"every": True}, {"every": 1.5}, {"mode": "replace"}, {"no_such_option": 1}):
+        with pytest.raises(FreezeFrameError):
+            FreezeFrame(tmp_path / "run", **bad)

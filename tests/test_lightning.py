@@ -65,7 +65,8 @@ class Net(LightningModule):
         self.head = nn.Linear(5, 3)
         self.lr, self.max_lr, self.head_only, self.direct, self.fail_at = lr, max_lr, head_only, direct, fail_at
         self.truth: list[dict] = []
-        self.train_forwards = 0
+        self.train_forwards = 0     # calls of forward() in training mode
+        self.train_passes = 0       # times training_step ran the data through the network
         self.epoch_start: dict[int, dict] = {}
 
     def forward(self, x):
@@ -78,6 +79,7 @@ class Net(LightningModule):
             raise RuntimeError("the user's training_step failed")
         x, y = batch
         logits = self.head(self.backbone(x)) if self.direct else self(x)
+        self.train_passes += 1
         loss = F.cross_entropy(logits, y)
         self._loss = float(loss.detach())
         return loss
@@ -299,6 +301,11 @@ def test_backbone_finetuning_unfreezing_inside_a_fit_starts_part_2(tmp_path, dir
         [("fit", 0, TRAIN_BATCHES, True), ("fit (part 2)", TRAIN_BATCHES, 2 * TRAIN_BATCHES, True)]
     mid = model.epoch_start[1]
     assert mid["groups"] != model.epoch_start[0]["groups"]  # the truth: Lightning added a param group
+    # each part states the epochs it ran (the module saw epochs 0, 1, 2 start); the fit's plan apart
+    assert sorted(model.epoch_start) == [0, 1, 2]
+    assert [(s["epochs"], s["epochs_planned"], s["epoch_starts"]) for s in freezeframe.load(run_dir).manifest["stages"]] \
+        == [(1, 3, [0]), (2, 3, [TRAIN_BATCHES, 2 * TRAIN_BATCHES])]
+    assert [s["epochs"] for s in doc["stages"]] == [1, 2]
     truth0, truth1 = model.truth[:TRAIN_BATCHES], model.truth[TRAIN_BATCHES:]
 
     # part 1: the backbone's conv tensors frozen and bitwise unchanged; its BatchNorm trainable
@@ -319,7 +326,9 @@ def test_backbone_finetuning_unfreezing_inside_a_fit_starts_part_2(tmp_path, dir
     assert by_name["backbone.0.weight"]["stages"][1]["changed"] is True
     assert st1["groups"][1]["lr_first"] == truth1[0]["lr"][1] == pytest.approx(0.1 * 0.1)
     assert not [f for f in doc["findings"] if f["code"] in ("trainable-never-gets-grad", "frozen-param-changed")]
-    assert st0["forward_passes"]["train"] + st1["forward_passes"]["train"] == model.train_forwards
+    # every training pass is counted, also when training_step bypasses the module's own hooks
+    # (then on its children: docs/recording.md, "Forward passes")
+    assert st0["forward_passes"]["train"] + st1["forward_passes"]["train"] == model.train_passes == 3 * TRAIN_BATCHES
     assert model.train_forwards == (0 if direct else 3 * TRAIN_BATCHES)
 
     check_steps(run_dir, model.truth, 0)

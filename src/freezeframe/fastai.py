@@ -10,14 +10,15 @@ import numpy as np
 from fastai.callback.core import Callback  # importing freezeframe.fastai imports fastai; `import freezeframe` does not
 
 from .capture.modelmap import unwrap
-from .capture.session import Options
 from .errors import FreezeFrameError
 from .integrations.events import guarded_event, warn_stopped
 from .integrations.fastai_facts import (
     Call, FastaiOptimizerView, call_arguments, fit_call, freeze_facts, nominal_peaks, reload_at_end,
     scheduled_hypers, stage_label,
 )
-from .store.writer import MODES
+from .integrations.fastai_grads import KEY as ZERO_GRADS_KEY
+from .integrations.fastai_grads import frozen_with_grads
+from .integrations.options import check_options
 
 __all__ = ["FreezeFrame"]
 
@@ -45,6 +46,7 @@ class _State:
     fine_tune: tuple | None = None  # (fine_tune frame id, name, call meta) between its two halves
     last_opt: object = None      # learn.opt and its hypers at the end of the last training fit
     last_hypers: object = None
+    last_method: str | None = None  # the Learner method of this callback's last training fit
     sessions: int = 0
     failed: bool = False
 
@@ -69,11 +71,7 @@ class FreezeFrame(Callback):
 
     def __init__(self, run_dir, *, every: int | None = None, mode: str = "append", **options):
         super().__init__()
-        if mode not in MODES:
-            raise FreezeFrameError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
-        if every is not None and (not isinstance(every, int) or every < 1):
-            raise FreezeFrameError(f"every must be a positive integer or None, got {every!r}")
-        Options.from_kwargs(options)  # an unknown option is refused now, not at the first fit
+        check_options(mode, every, options)  # refused now, not at the first fit
         self.run_dir = Path(run_dir)
         self.every = every
         self.mode = mode
@@ -146,6 +144,13 @@ class FreezeFrame(Callback):
         if fit is not None and not fit.training:
             # Not recognised as Learner.fit from the stack (a subclass, a future fastai), but it trains.
             self._open_stage(fit, fit_call(self.learn))
+            self._ff.rec.epoch()  # this epoch's before_epoch came before the stage
+
+    @guarded_event
+    def before_epoch(self):
+        fit = self._current()
+        if fit is not None and fit.training and self._ff.rec is not None:
+            self._ff.rec.epoch()  # the stage states the epochs it ran (docs/fastai.md)
 
     @guarded_event
     def before_batch(self):
@@ -262,7 +267,7 @@ class FreezeFrame(Callback):
         ff.rec = Recorder(model, [view], self.run_dir, every=self.every, mode=mode, **options)
         ff.view = view
         ff.sessions += 1
-        ff.last_opt = ff.last_hypers = None
+        ff.last_opt = ff.last_hypers = ff.last_method = None
         return ff.rec
 
     def _open_stage(self, fit: _Fit, call: Call) -> None:
@@ -275,6 +280,11 @@ class FreezeFrame(Callback):
         name, meta, user_meta = self._stage_name(call)
         kind = "trial" if call.method == "lr_find" else "train"
         meta.update(freeze_facts(learn))
+        held = frozen_with_grads(learn, "unknown" if ff.last_method is None
+                                 else "lr_find" if ff.last_method == "lr_find" else "earlier fit")
+        if held is not None:
+            meta[ZERO_GRADS_KEY] = held
+        ff.last_method = call.method
         reload = reload_at_end(learn)
         if reload is not None:
             meta["reload_at_end"] = reload

@@ -12,10 +12,8 @@ try:  # importing freezeframe.lightning imports Lightning; `import freezeframe` 
 except ImportError:  # only the standalone `pytorch_lightning` package is installed
     from pytorch_lightning import Callback
 
-from .capture.session import Options
-from .errors import FreezeFrameError
 from .integrations.events import guarded_event, warn_stopped
-from .store.writer import MODES
+from .integrations.options import check_options
 
 __all__ = ["FreezeFrame"]
 
@@ -33,11 +31,7 @@ class FreezeFrame(Callback):
 
     def __init__(self, run_dir, *, every: int | None = None, mode: str = "append", **options):
         super().__init__()
-        if mode not in MODES:
-            raise FreezeFrameError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
-        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
-            raise FreezeFrameError(f"every must be a positive integer or None, got {every!r}")
-        Options.from_kwargs(options)  # an unknown option is refused now, not at the first fit
+        check_options(mode, every, options)  # refused now, not at the first fit
         self.run_dir = Path(run_dir)
         self.every = every
         self.mode = mode
@@ -78,6 +72,13 @@ class FreezeFrame(Callback):
         self._sessions += 1
         self._rec.begin_stage("fit", epochs=_planned_epochs(trainer), meta=_fit_facts(trainer))
         self._rec.set_counting(True)
+
+    @guarded_event
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        # The next applied step begins an epoch: each stage (a part of the fit after an unfreeze
+        # included) states the epochs it ran (docs/lightning.md).
+        if self._rec is not None:
+            self._rec.epoch()
 
     @guarded_event
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

@@ -12,6 +12,7 @@ import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from ..capture.modelmap import unwrap
 from ..capture.optim import OptimizerView
@@ -62,6 +63,22 @@ class FastaiOptimizerView(OptimizerView):
             peak = nominal[g] if nominal is not None and g < len(nominal) else None
             out.append((_float(h.get("lr")), _float(h.get("mom")), _float(h.get("wd")), peak))
         return out
+
+
+    def state_count(self) -> int | None:
+        """Tensors holding optimizer statistics (Adam's averages, momentum, step counts). fastai's
+        own `Optimizer` keeps one dict per tensor in `opt.state`, where `clear_state()` (run by
+        `freeze()`/`unfreeze()`) leaves only the flags `force_train`/`do_wd`; `OptimWrapper` holds
+        a torch optimizer, whose `clear_state()` empties its `state`."""
+        opt = self.opt
+        inner = getattr(opt, "opt", None)
+        if isinstance(inner, torch.optim.Optimizer):  # OptimWrapper
+            return sum(1 for st in inner.state.values() if st)
+        state = getattr(opt, "state", None)
+        if not isinstance(state, dict):
+            return None
+        keep = set(getattr(type(opt), "_keep_on_clear", ()) or ())
+        return sum(1 for st in list(state.values()) if isinstance(st, dict) and any(k not in keep for k in st))
 
 
 def _float(v) -> float | None:
