@@ -77,6 +77,34 @@ def test_frozen_param_changed_by_weight_decay_on_zeroed_grads(run_dir):
     assert p["stages"][1]["trainable"] is False and p["stages"][1]["changed"] is True
 
 
+def test_frozen_param_changed_says_what_moved_them_and_the_fix(run_dir):
+    """Each cause the run can tell apart, named as such: a stepping optimizer holding frozen
+    tensors with zero-filled gradients (the re-freeze pattern), and a hand-written in-place edit of a
+    frozen tensor no optimizer holds."""
+    model = build(BodyHead)
+    opt = torch.optim.AdamW(list(model.body.parameters()) + list(model.head.parameters()), lr=1e-2,
+                            weight_decay=0.1)
+    with freezeframe.watch(model, opt, run_dir, every=1) as rec:
+        with rec.stage("all"):
+            train(model, opt, 2, set_to_none=False)
+        model.freeze_body()
+        model.temperature.requires_grad_(False)  # in no optimizer: only the edit below moves it
+        conv, temp = model.body[0].weight.detach().clone(), model.temperature.detach().clone()
+        with rec.stage("head"):
+            train(model, opt, 2, start=2, set_to_none=False)
+            with torch.no_grad():
+                model.temperature.mul_(0.5)  # a hand-written edit after the last step
+            assert not torch.equal(conv, model.body[0].weight) and not torch.equal(temp, model.temperature)
+    f = finding(run_dir, "frozen-param-changed")
+    assert f["stage"] == 1 and {"body.0.weight", "temperature"} <= set(f["params"])
+    msg = f["message"]
+    moved = [n for n in f["params"] if n != "temperature"]
+    assert f"{len(moved)} of them: the optimizer's steps moved {len(moved)} of them" in msg
+    assert "zero tensor rather than None" in msg and "zero_grad(set_to_none=True)" in msg
+    assert "1 of them: they were rewritten outside an optimizer step (see changed-outside-optimizer)" in msg
+    assert finding(run_dir, "changed-outside-optimizer")["stage"] == 1
+
+
 def test_stage_discontinuity_names_how_many_tensors_differ(run_dir):
     model = build(SmallCNN)
     other = build(SmallCNN, seed=5).state_dict()

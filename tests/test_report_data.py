@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -373,3 +374,63 @@ def test_names_are_escaped_in_notebook_and_images(evil, tmp_path):
     paths = write_pngs(evil["run"], tmp_path / "png")   # '$' in a stage name is not mathtext
     assert len(paths) == 5
     write_html(evil["run"], tmp_path / "evil.html")
+
+
+# ----------------------------------------------------------------------------- the summary's format
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def _doc_section(text: str, heading: str) -> str:
+    m = re.search(rf"^#+ `{re.escape(heading)}`\s*$(.*?)(?=^#+ |\Z)", text, re.S | re.M)
+    assert m, f"docs/summary-format.md has no section `{heading}`"
+    return m.group(1)
+
+
+def test_every_summary_field_is_documented(demo, tmp_path):
+    s = demo["run"].summary()
+    doc = (DOCS / "summary-format.md").read_text()
+    sections = {
+        "run": s["run"], "run.sessions[]": s["run"]["sessions"][0], "stages[]": s["stages"][0],
+        "stages[].groups[]": s["stages"][0]["groups"][0], "params[]": s["params"][0],
+        "params[].stages[]": s["params"][0]["stages"][0], "modules[]": s["modules"][0],
+        "buffers[]": s["buffers"][0], "findings[]": s["findings"][0], "answers[]": s["answers"][0],
+    }
+    assert set(s) - {"schema"} == {k.split("[")[0] for k in sections if "." not in k}
+    for heading, obj in sections.items():
+        text = _doc_section(doc, heading)
+        missing = [k for k in obj if f"`{k}`" not in text]
+        assert not missing, f"{heading}: {missing} not documented"
+        table = re.search(r"^\| field \| meaning \|\n(?:^\|.*\n?)*", text, re.M)  # the fields table, if any
+        rows = re.findall(r"^\| ([^|]+) \|", table.group(0), re.M)[2:] if table else []
+        documented = {k for row in rows for k in re.findall(r"`([a-z_]+)`", row)}
+        assert documented <= set(obj), f"{heading}: documented but not produced: {documented - set(obj)}"
+    for key in s["modules"][0]["stages"][0]:
+        assert f"`{key}`" in _doc_section(doc, "modules[]"), key
+    for key in s["buffers"][0]["stages"][0]:
+        assert f"`{key}`" in _doc_section(doc, "buffers[]"), key
+
+
+def test_every_finding_code_is_documented_with_its_severity():
+    src = Path(freezeframe.__file__).parent / "analyse"
+    found = set()
+    for f in ("findings.py", "findings_writes.py"):
+        found |= set(re.findall(r'_finding\(\s*"([a-z-]+)",\s*"(error|warning|info)"', (src / f).read_text()))
+    assert len(found) >= 13
+    table = _doc_section((DOCS / "summary-format.md").read_text(), "findings[]")
+    readme = (DOCS.parent / "README.md").read_text()
+    readme_table = readme[readme.index("## What the findings catch"):]
+    assert "(docs/summary-format.md#findings)" in readme_table
+    for code, severity in sorted(found):
+        assert re.search(rf"^\| `{code}` \| {severity} \| [^|]+ \| [^|]+ \|$", table, re.M), code
+        assert re.search(rf"^\| `{code}` \| {severity} \| ", readme_table, re.M), code
+
+
+def test_summary_says_how_many_steps_were_expected_and_read(tmp_path):
+    run_dir = tmp_path / "run"
+    two_stage_run(run_dir)
+    r = freezeframe.load(run_dir).summary()["run"]
+    assert (r["complete"], r["in_progress"], r["steps"], r["steps_expected"], r["unreadable"]) == (True, False, 24, 24, [])
+    for chunk in (run_dir / "steps").glob("*.parquet"):  # a damaged steps table
+        chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    r = freezeframe.load(run_dir).summary()["run"]
+    assert r["complete"] is False and r["steps_expected"] == 24 and r["steps"] < 24

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import findings_writes
+
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 
 
@@ -24,17 +26,76 @@ def frozen_param_changed(summary, view) -> list[dict]:
     out = []
     for s in _train_stages(summary):
         k = summary["stages"].index(s)
-        hit = [p["name"] for p in summary["params"]
+        hit = [p for p in summary["params"]
                if p["stages"][k]["trainable"] is False and p["stages"][k]["changed"] is True]
         if hit:
+            names = [p["name"] for p in hit]
             out.append(_finding(
                 "frozen-param-changed", "error",
-                f"{len(hit)} tensor(s) frozen for the whole of stage {s['name']!r} changed anyway ({_names(hit)}): "
-                "something other than gradients wrote them — weight decay applied to zeroed gradients, "
-                "a hand-written update, a tied weight, or an in-place edit. Clear their gradients "
-                "(zero_grad(set_to_none=True)) or take them out of the optimizer.",
-                s["index"], hit))
+                f"{len(hit)} tensor(s) frozen for the whole of stage {s['name']!r} changed anyway ({_names(names)}): "
+                + _frozen_change_cause(s, k, hit), s["index"], names))
     return out
+
+
+# The fact the fastai integration puts in a stage's meta: frozen tensors still holding gradients
+# as the fit began (docs/fastai.md, "Frozen tensors that move").
+FASTAI_ZERO_GRADS = "fastai_zero_grads_frozen"
+
+_ZERO_GRAD_FIX = ("Set their gradients to None (optimizer.zero_grad(set_to_none=True), or p.grad = None when "
+                  "you freeze them) or take them out of the optimizer.")
+
+
+def _frozen_change_cause(s: dict, k: int, hit: list[dict]) -> str:
+    """Why frozen tensors moved, from what the run holds: the fastai integration's fact when it
+    gives one, else what the stage shows of each tensor (held by a stepping optimizer, moved
+    by its steps, rewritten outside them)."""
+    fact = (s.get("meta") or {}).get(FASTAI_ZERO_GRADS)
+    if isinstance(fact, dict) and fact.get("tensors"):
+        return _fastai_cause(fact)
+    written = {n for w in s.get("outside_writes") or [] for n in w.get("params") or []}
+    outside = [p for p in hit if p["name"] in written]
+    held = [p for p in hit if p["name"] not in written and p["stages"][k]["in_optimizer"]]
+    loose = [p for p in hit if p["name"] not in written and not p["stages"][k]["in_optimizer"]]
+    parts = []
+    if held:
+        ratios = sorted(p["stages"][k]["update_ratio_median"] for p in held
+                        if (p["stages"][k]["update_ratio_median"] or 0) > 0)
+        if ratios:
+            how = (f"the optimizer's steps moved {len(ratios)} of them (median update {ratios[len(ratios) // 2]:.2g} "
+                   "of the weight's norm per recorded step) though no gradient reached them")
+        else:
+            how = "an optimizer that stepped in this stage holds them though no gradient reached them"
+        parts.append(f"{_held(held, hit)}{how}: a gradient that is a zero tensor rather than None "
+                     "(zero_grad(set_to_none=False), or one left from before they were frozen) still gets "
+                     "weight decay and momentum applied. " + _ZERO_GRAD_FIX)
+    if outside:
+        parts.append(f"{_held(outside, hit)}they were rewritten outside an optimizer step (see "
+                     "changed-outside-optimizer).")
+    if loose:
+        parts.append(f"{_held(loose, hit)}no optimizer that stepped holds them, so something outside the steps "
+                     "wrote them: an in-place edit, a hand-written update or a tensor tied to a trained one. Find "
+                     "what writes them.")
+    return " ".join(parts)
+
+
+def _held(part: list, hit: list) -> str:
+    return "" if len(part) == len(hit) else f"{len(part)} of them: "
+
+
+def _fastai_cause(fact: dict) -> str:
+    cause = {"lr_find": "lr_find left zero-filled gradients on them",
+             "earlier fit": "an earlier fit left zero-filled gradients on them"}.get(
+        fact.get("cause"), "they still held gradients from before this fit")
+    wd = fact.get("weight_decay")
+    if fact.get("decayed"):
+        kind = "decoupled weight decay" if fact.get("decoupled") else "weight decay"
+        mover = f"its {kind}" + (f" (wd={wd:g})" if isinstance(wd, (int, float)) else "") + " moved them"
+    else:
+        mover = "the optimizer state they still hold moved them"
+    return (f"{cause} (fastai's zero_grad() zeroes gradients in place and never sets them to None), and fastai's "
+            f"optimizer steps every tensor whose gradient is not None, frozen or not: {mover}. Before this fit, "
+            "set the gradients to None with learn.model.zero_grad(set_to_none=True) (e.g. right after lr_find); "
+            "the frozen tensors then stay bitwise as they were.")
 
 
 def trainable_not_in_optimizer(summary, view) -> list[dict]:
@@ -201,7 +262,7 @@ def bn_trains_in_frozen_group(summary, view) -> list[dict]:
 
 CHECKS = [trainable_not_in_optimizer, frozen_param_changed, nonfinite, stage_discontinuity, zero_lr_group,
           trainable_never_gets_grad, frozen_bn_stats_changed, optimizer_state_reset, update_ratio_outlier,
-          bn_trains_in_frozen_group]
+          bn_trains_in_frozen_group, *findings_writes.CHECKS]
 
 
 def find(summary: dict, view=None) -> list[dict]:

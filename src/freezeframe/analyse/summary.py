@@ -87,6 +87,30 @@ def _group_stats(rows: np.ndarray, view: StepView, g: int, nominal, floor=None) 
     }
 
 
+def _epochs(s: dict) -> dict:
+    """What the stage ran: `epochs` is the number of epochs begun (len(epoch_starts)) when epochs
+    were announced; `epochs_planned` the count an integration asked for."""
+    starts = s.get("epoch_starts")
+    starts = [int(x) for x in starts] if isinstance(starts, list) else None
+    epochs = len(starts) if starts is not None else s.get("epochs")
+    return {"epochs": epochs, "epoch_starts": starts, "epochs_planned": s.get("epochs_planned")}
+
+
+def _same_as_start(stages: list[dict], s: dict, i: int) -> bool | None:
+    """Are tensor i's bytes at the end of stage `s` those it had when the run first recorded it
+    (the start hash of the first stage holding one)? None when either hash is missing."""
+    end = s.get("end_hashes")
+    if not end or i >= len(end) or end[i] is None:
+        return None
+    for first in stages:
+        start = first.get("start_hashes") or []
+        if i < len(start) and start[i] is not None:
+            return end[i] == start[i]
+        if first is s:
+            break
+    return None
+
+
 def build_summary(run: StoredRun) -> dict:
     m = run.manifest
     params = m["model"]["params"]
@@ -132,7 +156,7 @@ def build_summary(run: StoredRun) -> dict:
             "index": si, "name": s["name"], "kind": s.get("kind", "train"), "complete": bool(s.get("complete")),
             "first_step": int(steps_here.min()) if len(rows) else s.get("first_step"),
             "last_step": int(steps_here.max()) if len(rows) else s.get("last_step"),
-            "steps": int(len(rows)), "skipped_steps": s.get("skipped_steps"), "epochs": s.get("epochs"),
+            "steps": int(len(rows)), "skipped_steps": s.get("skipped_steps"), **_epochs(s),
             "forward_passes": s.get("forward_passes"),
             "params_trainable": int(sum(numel[i] for i in trainable)), "tensors_trainable": len(trainable),
             "groups": out_groups,
@@ -142,19 +166,27 @@ def build_summary(run: StoredRun) -> dict:
             "meta": s.get("meta") or {},
             "optimizer_state_start": _active_sum(s.get("optimizer_state_start"), active),
             "optimizer_state_end": _active_sum(s.get("optimizer_state_end"), active),
+            "outside_writes": [dict(w) for w in s.get("outside_writes") or []],
+            "model_changes": s.get("model_changes") or None,
+            "shared_between_optimizers": list(s.get("shared_between_optimizers") or []),
         })
         for i in range(P + B):
             changed = None
             if end is not None and i < len(end) and i < len(start) and end[i] is not None and start[i] is not None:
                 changed = end[i] != start[i]
             drift_abs = None
-            if end_metrics.get("drift") and end_metrics["drift"][i] is not None:
+            if end_metrics.get("drift") and i < len(end_metrics["drift"]) and end_metrics["drift"][i] is not None:
                 drift_abs = end_metrics["drift"][i]
             else:
                 drift_abs = agg["last_drift"].get(si * (P + B) + i)
-            entry = {"changed": changed, "drift_abs": drift_abs, "drift_rel": _ratio(drift_abs, ref_norms[i])}
+            same = _same_as_start(stages, s, i)
+            if drift_abs is None and same is True and ref_norms[i] is not None:
+                drift_abs = 0.0  # bytes equal to those watching began with: drift 0 by proof
+            entry = {"changed": changed, "same_as_start": same, "drift_abs": drift_abs,
+                     "drift_rel": _ratio(drift_abs, ref_norms[i])}
             if i < P:
-                entry = {"group": group_of.get(i), "trainable": i in trainable if s.get("trainable") is not None else None,
+                entry = {"group": group_of.get(i), "trainable": i in trainable if s.get("trainable") is not None
+                         and si >= (params[i].get("from_stage") or 0) else None,  # null: not in the model yet
                          "in_optimizer": i in group_of, "grad_steps": int(grad_steps[i]), **entry,
                          "update_ratio_median": agg["update_ratio_median"].get(si * (P + B) + i)}
             per_tensor[i].append(entry)
@@ -178,6 +210,9 @@ def build_summary(run: StoredRun) -> dict:
                  "versions": s.get("versions"), "started": s.get("started"), "ended": s.get("ended"),
                  "pid": s.get("pid"), "host": s.get("host")} for s in m.get("sessions", [])]
     skipped = [s.get("skipped_steps") for s in out_stages]
+    steps_expected = getattr(run, "steps_expected", m.get("steps_total"))
+    steps_expected = steps_expected if isinstance(steps_expected, int) and not isinstance(steps_expected, bool) else None
+    unreadable = [str(x) for x in getattr(run, "unreadable", None) or []]
     summary = {
         "schema": SCHEMA,
         "run": {
@@ -185,7 +220,10 @@ def build_summary(run: StoredRun) -> dict:
             "params_total": int(numel.sum()), "tensors_total": P, "buffers_total": B,
             "steps": int(len(view.step)),
             "skipped_steps": None if not skipped or any(x is None for x in skipped) else int(sum(skipped)),
-            "complete": bool(m.get("complete")), "recovered_steps": int(len(view.step)),
+            "complete": bool(m.get("complete")) and not unreadable
+                        and (steps_expected is None or len(view.step) >= steps_expected),
+            "in_progress": bool(getattr(run, "live", False)), "steps_expected": steps_expected,
+            "unreadable": unreadable, "recovered_steps": int(len(view.step)),
             "error": m.get("error"), "reference": bool(m.get("reference", True)),
             "sessions": sessions, "warnings": list(run.warnings),
         },
