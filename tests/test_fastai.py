@@ -387,6 +387,12 @@ def test_save_model_callback_reload_is_the_stage_end(tmp_path):
     st0, st1 = s["stages"]
     assert st0["steps"] == 4 and st0["epochs"] == 2
     assert st0["meta"]["reload_at_end"]["by"] == "SaveModelCallback"
+    # the reload is stated, as the intended act of a callback the fit announced: information
+    (w,) = st0["outside_writes"]
+    (f,) = [f for f in s["findings"] if f["code"] == "changed-outside-optimizer"]
+    assert (f["severity"], f["stage"]) == ("info", 0) and "SaveModelCallback" in f["message"]
+    assert set(f["params"]) == set(w["params"]) | set(w["buffers"]) and w["params"]
+    assert (w["when"], w["detected"], w["step"]) == ("after_last_step", "stage_end", st0["last_step"])
     # drift at the stage's end is measured on the reloaded weights (W_ref: the model before the fit)
     for p in s["params"]:
         want = float(torch.linalg.vector_norm((fits[0].after[p["name"]] - fits[0].before[p["name"]]).double()))

@@ -19,7 +19,7 @@ pytest.importorskip("lightning")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from lightning.pytorch import LightningModule, Trainer  # noqa: E402
+from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.callbacks.finetuning import BaseFinetuning  # noqa: E402
 from lightning.pytorch.utilities.model_helpers import get_torchvision_model  # noqa: E402
 from torch import nn, optim  # noqa: E402
@@ -135,6 +135,22 @@ def _loader(seed: int, batches: int, shuffle: bool):
     return DataLoader(TensorDataset(x, y), batch_size=BS, shuffle=shuffle, num_workers=0)
 
 
+class _Truth(Callback):
+    """The oracle: the module's state and the optimizer's tensors at each epoch's start (after the
+    example's finetuning callback, listed before it, has unfrozen what it unfreezes), and at the end."""
+
+    def __init__(self):
+        self.states, self.held = [], []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.states.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+        ids = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+        self.held.append({n for n, p in pl_module.named_parameters() if id(p) in ids})
+
+    def on_fit_end(self, trainer, pl_module):
+        self.states.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory):
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -143,11 +159,13 @@ def finetuned(tmp_path_factory):
     try:
         run_dir = tmp_path_factory.mktemp("lightning_finetuning") / "run"
         model = TransferLearningModel()
+        truth = _Truth()
         trainer = Trainer(max_epochs=EPOCHS, enable_model_summary=False, num_sanity_val_steps=0,
                           enable_progress_bar=False, logger=False, enable_checkpointing=False,
-                          accelerator="cpu", callbacks=[MilestonesFinetuning(milestones=MILESTONES),
+                          accelerator="cpu", callbacks=[MilestonesFinetuning(milestones=MILESTONES), truth,
                                                         FreezeFrame(run_dir, every=1)])
         trainer.fit(model, _loader(0, BATCHES, True), _loader(1, 1, False))
+        model.truth = truth
         return model, trainer, freezeframe.load(run_dir)
     finally:
         torch.set_num_threads(threads)
@@ -186,3 +204,22 @@ def test_the_summary_states_each_stages_own_epochs(finetuned):
     _, _, run = finetuned
     assert [(s["name"], s["epochs"]) for s in run.summary()["stages"]] == \
         [("fit", 1), ("fit (part 2)", 1), ("fit (part 3)", 1)]
+
+
+def test_the_answers_count_the_tensors_an_optimizer_updated(finetuned):
+    """train_bn=False: unfreeze_and_add_param_group makes the BatchNorm tensors require grad but
+    leaves them out of the param group it adds; "updated" counts the tensors an optimizer held
+    whose bytes changed, as the module's own states say, never every tensor that requires grad."""
+    import re
+
+    model, _, run = finetuned
+    truth = model.truth
+    s = run.summary()
+    said = re.findall(r"Stage (\d+) \(.*?\) ran .*?The steps updated (\d+) of (\d+) tensors", s["answers"][0]["answer"])
+    assert len(said) == EPOCHS, s["answers"][0]["answer"]
+    for k, (stage, updated, total) in enumerate(said):
+        before, after = truth.states[k], truth.states[k + 1]
+        want = sum(1 for n in truth.held[k] if not torch.equal(before[n], after[n]))
+        requires_grad = sum(1 for p in s["params"] if p["stages"][k]["trainable"])
+        assert (int(stage), int(updated), int(total)) == (k, want, len(before))
+        assert want < requires_grad or k == 0  # BN tensors require grad but no optimizer holds them

@@ -44,6 +44,16 @@ def changed_outside_optimizer(summary, view) -> list[dict]:
                            f"step of {where}, {what} were rewritten {how}: the next stage does not start where "
                            f"this one's steps left them. If that write is not intended, look for what loads or "
                            f"copies weights between the two loops.")
+            elif (s.get("meta") or {}).get("reload_at_end") and w.get("detected") == "stage_end":
+                # the framework said, as the stage began, that a callback would reload weights at
+                # its end (fastai's SaveModelCallback): intended, so stated as information
+                by = s["meta"]["reload_at_end"]
+                message = (f"At the end of stage {s['name']!r}, {by.get('by', 'a callback')} loaded "
+                           f"{by.get('what', 'other weights')}: {what} differ from the last step's (step "
+                           f"{w.get('step')}). The stage's end facts describe the weights as the fit returned "
+                           f"them, after that reload.")
+                out.append(_finding("changed-outside-optimizer", "info", message, s["index"], params + buffers))
+                continue
             else:
                 found = "at the stage's end" if w.get("detected") == "stage_end" else "when recording closed"
                 message = (f"After the last step of stage {s['name']!r} (step {w.get('step')}), {what} were "

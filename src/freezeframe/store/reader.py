@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import socket
 from dataclasses import dataclass, field
@@ -105,18 +104,7 @@ def _lock_is_live(path: Path) -> bool:
         return False
     if not isinstance(info, dict) or info.get("host") != socket.gethostname():
         return False  # a lock of another host cannot be probed: the manifest says what is known
-    pid = info.get("pid")
-    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
+    return pid_alive(info.get("pid"))
 
 
 def _parse_manifest(path: Path, mpath: Path) -> dict:

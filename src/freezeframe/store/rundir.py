@@ -18,13 +18,18 @@ from . import layout
 MODES = ("append", "new", "overwrite")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid) -> bool:
+    """A process of this host with that pid exists (a pid that is not a positive int: no)."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    except OSError:
+        return False
     return True
 
 
@@ -149,7 +154,7 @@ def _check_lock(path: Path) -> None:
         return
     if info.get("host") != socket.gethostname():
         return
-    if info.get("pid") != os.getpid() and _pid_alive(info["pid"]):
+    if info.get("pid") != os.getpid() and pid_alive(info["pid"]):
         raise FreezeFrameError(
             f"{str(path)!r} is being written by another process (pid {info['pid']}); "
             "two processes cannot write one run: use another run directory")
