@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from ..errors import RunError
 from . import indexspace, layout, validate
+from .rundir import pid_alive
 
 log = logging.getLogger("freezeframe")
 
