@@ -53,6 +53,11 @@ def test_demo_records_the_two_stages_with_the_expected_freeze_facts(demo):
     s = freezeframe.load(demo[3]).summary()
     assert [st["name"] for st in s["stages"]] == ["head only, 2 epochs", "unfrozen, 3 epochs"]
     first, second = s["stages"]
+    # each stage states its epochs and the step each began at: the batches per epoch are equal
+    per_epoch = first["steps"] // 2
+    assert (first["epochs"], first["epoch_starts"]) == (2, [0, per_epoch])
+    assert (second["epochs"], second["epoch_starts"]) == (3, [2 * per_epoch + k * per_epoch for k in range(3)])
+    assert second["steps"] == 3 * per_epoch
     assert second["starts_from_previous_end"] is True and second["continuity"] == "bitwise"
     assert [g["lr_max"] for g in second["groups"]] == pytest.approx([1e-4, 1e-3, 1e-2], rel=1e-12)
     for p in s["params"]:

@@ -155,6 +155,7 @@ def fine_tune(model: DigitNet, data: dict[str, Split], out: str, seed: int, *, e
         task = progress.add_task(name, total=n_epochs * n_batches) if progress else None
         with rec.stage(name):
             for _ in range(n_epochs):
+                rec.epoch()  # each stage then states its epochs and where each began (docs/recording.md)
                 for xb, yb in batches(data["target_train"], 16, gen):
                     opt.zero_grad()
                     loss = F.cross_entropy(model(xb), yb)
