@@ -162,3 +162,95 @@ def test_a_tensor_in_two_optimizers_that_both_step_is_named(run_dir):
     assert stage["shared_between_optimizers"] == shared
     (f,) = [f for f in run.summary()["findings"] if f["code"] == "tensor-in-two-optimizers"]
     assert f["params"] == shared and f["severity"] == "warning"
+
+
+# ------------------------------------------------------------------ found by review: each a false fact before
+
+def test_a_loss_module_called_beside_the_model_is_not_a_forward_pass(run_dir):
+    """`loss = model.criterion(model(x), y)`: the criterion is a child of the model called outside
+    the model's own forward; it is no pass of the network (5 steps, 5 passes)."""
+    class WithCriterion(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+            self.criterion = nn.CrossEntropyLoss()
+
+        def forward(self, x):
+            return self.net(x)
+
+    m = WithCriterion()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    calls = []
+    m.register_forward_pre_hook(lambda mod, args: calls.append(mod.training))
+    with freezeframe.watch(m, opt, run_dir, every=1):
+        for _ in range(5):
+            opt.zero_grad()
+            m.criterion(m(torch.randn(3, 4)), torch.randint(0, 2, (3,))).backward()
+            opt.step()
+    (st,) = freezeframe.load(run_dir).summary()["stages"]
+    assert st["forward_passes"] == {"train": len(calls), "eval": 0} == {"train": 5, "eval": 0}
+
+
+def test_a_torchscript_submodule_does_not_stop_recording(run_dir):
+    m = nn.Sequential(torch.jit.script(nn.Linear(4, 4)), nn.ReLU(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*freezeframe.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        with freezeframe.watch(m, opt, run_dir, every=1):
+            for _ in range(3):
+                opt.zero_grad()
+                m(torch.randn(2, 4)).sum().backward()
+                opt.step()
+    s = freezeframe.load(run_dir).summary()
+    assert s["run"]["steps"] == 3 and s["stages"][0]["forward_passes"]["train"] == 3
+
+
+def test_weights_loaded_after_watch_are_not_called_the_weights_watching_began_with(run_dir):
+    """watch(), then load "pretrained" weights into the frozen body, then train the head: the body
+    is bitwise unchanged over the stage but 100 % away from W_ref (the model as watching began)."""
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    for p in m[0].parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.SGD(m[2].parameters(), lr=0.1)
+    ref = {k: v.clone() for k, v in m.state_dict().items()}
+    pretrained = {k: v * 2 for k, v in m.state_dict().items()}
+    with freezeframe.watch(m, opt, run_dir, every=1):
+        m.load_state_dict(pretrained)
+        for _ in range(3):
+            opt.zero_grad()
+            m(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+    s = freezeframe.load(run_dir).summary()
+    by = {p["name"]: p["stages"][0] for p in s["params"]}
+    for n in ("0.weight", "0.bias"):
+        want = float((m.state_dict()[n] - ref[n]).double().norm() / ref[n].double().norm())
+        assert by[n]["same_as_start"] is False and by[n]["changed"] is False, n
+        assert by[n]["drift_rel"] == pytest.approx(want, rel=1e-5), n
+    a2 = s["answers"][1]["answer"]
+    assert "distance 0" not in a2 and "100 %" in a2, a2
+
+
+def test_a_write_found_at_a_model_change_says_where_it_was_found(run_dir):
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with freezeframe.watch(m, opt, run_dir, every=1):
+            for _ in range(3):
+                opt.zero_grad()
+                ((m(x) - y) ** 2).mean().backward()
+                opt.step()
+            with torch.no_grad():
+                m[0].weight.copy_(torch.zeros(4, 4))
+            m[2] = nn.Linear(4, 2)
+            opt.add_param_group({"params": m[2].parameters()})
+            for _ in range(3):
+                opt.zero_grad()
+                ((m(x) - y) ** 2).mean().backward()
+                opt.step()
+    s = freezeframe.load(run_dir).summary()
+    (f,) = [f for f in s["findings"] if f["code"] == "changed-outside-optimizer"]
+    assert "0.weight" in f["params"]
+    assert "when recording closed" not in f["message"] and "when the model's tensors changed" in f["message"]

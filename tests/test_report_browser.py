@@ -73,6 +73,10 @@ class Page:
         (x0, x1), rows = fig["range"], fig["rows"]
         x = box["x"] + (step - x0) / (x1 - x0) * box["width"]
         y = box["y"] + (row + 0.5) / rows * box["height"]
+        # leave the plot first and wait for the previous hover label to go: otherwise the label
+        # read below may still be the last cell's
+        page.mouse.move(0, 0)
+        page.wait_for_selector("#fig-heatmap .hovertext", state="detached", timeout=5_000)
         page.mouse.move(x - 3, y)
         page.mouse.move(x, y)
         page.wait_for_selector("#fig-heatmap .hovertext", timeout=5_000)

@@ -74,7 +74,7 @@ def test_lesson_one_answers_are_about_the_training_stages(tmp_path):
         assert f"The steps updated {len(updated(learn, part))} of {len(names)} tensors" in answer(s, 0)
     moved_frozen = [n for n in names if not frozen_part.trainable[n] and frozen_part.changed[n]]
     assert moved_frozen  # the truth: lr_find's zero-filled gradients + weight decay moved the frozen body
-    assert f"{len(moved_frozen)} of them were frozen (requires_grad False) and changed anyway" in answer(s, 0)
+    assert f"{len(moved_frozen)} frozen tensors (requires_grad False) changed anyway" in answer(s, 0)
 
     # answer 2: the distance of the first training stage's frozen tensors, from the state dicts
     body = [n for n in names if not frozen_part.trainable[n]]

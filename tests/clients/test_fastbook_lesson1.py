@@ -176,6 +176,9 @@ def test_zero_filled_gradients_move_the_frozen_body_and_the_stage_says_why(lesso
     found = [f for f in run.findings() if f["code"] == "frozen-param-changed"]
     assert [run.summary()["stages"][f["stage"]]["name"] for f in found] == ["fine_tune(1) · frozen"]
     assert sorted(found[0]["params"]) == truth["frozen_changed"]
+    # the cause is named because every tensor that moved is one the integration saw holding a gradient
+    assert len(fact["names"]) == fact["tensors"] and set(truth["frozen_changed"]) <= set(fact["names"])
+    assert "lr_find left zero-filled gradients" in found[0]["message"]
     # no such fact where nothing frozen holds a gradient
     assert "fastai_zero_grads_frozen" not in run.manifest["stages"][0]["meta"]
     assert "fastai_zero_grads_frozen" not in run.manifest["stages"][2]["meta"]

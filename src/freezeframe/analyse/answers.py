@@ -111,8 +111,9 @@ def _updates(summary: dict, s: dict) -> str:
 
     frozen_moved = [p for p, x in e if x["trainable"] is False and x["changed"] is True]
     if frozen_moved:
-        out.append(f"{_n(len(frozen_moved))} of them {'was' if len(frozen_moved) == 1 else 'were'} frozen "
-                   f"(requires_grad False) and changed anyway{see('frozen-param-changed')}.")
+        # not "of them": the updated count is of tensors an optimizer held; these need not be
+        out.append(f"{_plural(len(frozen_moved), 'frozen tensor')} (requires_grad False) changed anyway"
+                   f"{see('frozen-param-changed')}.")
     idle = [p for p, x in e if x["trainable"] and x["in_optimizer"] and x["changed"] is False]
     if idle:
         out.append(f"{_plural(len(idle), 'trainable tensor')} an optimizer held did not change"
@@ -141,7 +142,7 @@ def _outside_writes(s: dict, see: str) -> list[str]:
         n = len(params) + len(buffers)
         if not n:
             continue
-        parts = [_plural(len(params), "parameter")] if params else []
+        parts = [_plural(len(params), "parameter tensor")] if params else []  # tensors, not elements
         parts += [_plural(len(buffers), "buffer")] if buffers else []
         where = (f"after the last step of {_label(s)}" if w.get("when") != "between_steps"
                  else f"after step {w.get('step')} of {_label(s)}, before the next step")

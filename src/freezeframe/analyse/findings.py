@@ -51,7 +51,11 @@ def _frozen_change_cause(s: dict, k: int, hit: list[dict]) -> str:
     by its steps, rewritten outside them)."""
     fact = (s.get("meta") or {}).get(FASTAI_ZERO_GRADS)
     if isinstance(fact, dict) and fact.get("tensors"):
-        return _fastai_cause(fact)
+        named = fact.get("names")
+        # the fastai cause only for tensors the integration saw holding gradients (all of them,
+        # else the stage's own facts decide: some may have been rewritten outside a step)
+        if not isinstance(named, list) or {p["name"] for p in hit} <= set(named):
+            return _fastai_cause(fact)
     written = {n for w in s.get("outside_writes") or [] for n in w.get("params") or []}
     outside = [p for p in hit if p["name"] in written]
     held = [p for p in hit if p["name"] not in written and p["stages"][k]["in_optimizer"]]

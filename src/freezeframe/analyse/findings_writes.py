@@ -55,7 +55,9 @@ def changed_outside_optimizer(summary, view) -> list[dict]:
                 out.append(_finding("changed-outside-optimizer", "info", message, s["index"], params + buffers))
                 continue
             else:
-                found = "at the stage's end" if w.get("detected") == "stage_end" else "when recording closed"
+                found = {"stage_end": "at the stage's end", "close": "when recording closed",
+                         "next_stage": "when the model's tensors changed, before the next step"}.get(
+                             w.get("detected"), "at the next stage boundary")
                 message = (f"After the last step of stage {s['name']!r} (step {w.get('step')}), {what} were "
                            f"rewritten {how}; found {found}. The stage's end facts (changed, drift, hashes, "
                            f"continuity) are those of the weights after that write, not of the last step's. "

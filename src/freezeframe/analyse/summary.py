@@ -96,19 +96,16 @@ def _epochs(s: dict) -> dict:
     return {"epochs": epochs, "epoch_starts": starts, "epochs_planned": s.get("epochs_planned")}
 
 
-def _same_as_start(stages: list[dict], s: dict, i: int) -> bool | None:
-    """Are tensor i's bytes at the end of stage `s` those it had when the run first recorded it
-    (the start hash of the first stage holding one)? None when either hash is missing."""
+def _same_as_start(reference_hashes: list | None, s: dict, i: int) -> bool | None:
+    """Are tensor i's bytes at the end of stage `s` those of the weights watching first began with
+    (W_ref: the manifest's `reference_hashes`)? None when either hash is missing (an older run,
+    a tensor added later, an end not captured)."""
     end = s.get("end_hashes")
     if not end or i >= len(end) or end[i] is None:
         return None
-    for first in stages:
-        start = first.get("start_hashes") or []
-        if i < len(start) and start[i] is not None:
-            return end[i] == start[i]
-        if first is s:
-            break
-    return None
+    if not reference_hashes or i >= len(reference_hashes) or reference_hashes[i] is None:
+        return None
+    return end[i] == reference_hashes[i]
 
 
 def build_summary(run: StoredRun) -> dict:
@@ -179,7 +176,7 @@ def build_summary(run: StoredRun) -> dict:
                 drift_abs = end_metrics["drift"][i]
             else:
                 drift_abs = agg["last_drift"].get(si * (P + B) + i)
-            same = _same_as_start(stages, s, i)
+            same = _same_as_start(m.get("reference_hashes"), s, i)
             if drift_abs is None and same is True and ref_norms[i] is not None:
                 drift_abs = 0.0  # bytes equal to those watching began with: drift 0 by proof
             entry = {"changed": changed, "same_as_start": same, "drift_abs": drift_abs,

@@ -14,9 +14,10 @@ class PassHooks:
 
     - The root module's hooks always count: one call of the model is one pass.
     - Until the root has been called with autograd on before an optimizer step, its
-      direct children are hooked too; a child called while the root is not running is part of a
-      pass that bypassed the root, and a pass is counted each time the *entry child* runs (the
-      first child seen running outside the root). Once the root is known to carry the training
+      direct children that own parameters are hooked too; a child called while the root is not
+      running (and has not run with autograd on since the last step) is part of a pass that
+      bypassed the root, and a pass is counted each time the *entry child* runs (the first child
+      seen running outside the root). TorchScript children take no hooks and are skipped. Once the root is known to carry the training
       passes, the children's hooks are removed (a plain PyTorch loop pays for them on its first
       step only)."""
 
@@ -29,7 +30,13 @@ class PassHooks:
                         model.register_forward_hook(wrap(self._root_post))]
         self.child_handles = []
         for child in model.children():
-            self.child_handles.append(child.register_forward_pre_hook(wrap(self._child_pre)))
+            if next(child.parameters(), None) is None:
+                continue  # a loss or metric module: data through it is not a pass of the network
+            try:
+                pre = child.register_forward_pre_hook(wrap(self._child_pre))
+            except RuntimeError:  # a TorchScript submodule takes no hooks: the root's are enough
+                continue
+            self.child_handles.append(pre)
             self.child_handles.append(child.register_forward_hook(wrap(self._child_post)))
 
     def _root_pre(self, module, args):
@@ -43,14 +50,14 @@ class PassHooks:
         self._on_post()
 
     def _child_pre(self, module, args):
-        if self._depth:
-            return  # inside a call of the root: counted there
+        if self._depth or self._root_graded:
+            return  # inside a call of the root, or after one this step: the root counts the passes
         if self._entry is None:
             self._entry = module
         self._on_pre(module, count=module is self._entry)
 
     def _child_post(self, module, args, output):
-        if not self._depth:
+        if not self._depth and not self._root_graded:
             self._on_post()
 
     def after_step(self) -> None:

@@ -109,6 +109,10 @@ class Recorder(ModelChanges):
             # remove hooks: those are weak, and close() removes them).
             self._finalizer = weakref.finalize(self, _abandon, self._writer, self._lock)
             self._init_state()
+            # The content hashes of the weights watching first began with (W_ref's bytes), in the
+            # stored tensor order: the proof behind "bitwise equal to W_ref" (docs/run-format.md).
+            self._reference_hashes = (list(self._bounds.baseline) if existing is None
+                                      else existing.get("reference_hashes"))
             self._install_hooks()
             self._flush()
         except FreezeFrameError as e:
@@ -453,6 +457,7 @@ class Recorder(ModelChanges):
             "created": self._created, "complete": complete, "steps_total": self._step,
             "reference": bool(self.options.reference),
             "ref_norms": [_finite(x) for x in stored_list(self._ref_norms, self._p0, self._P, self._B)],
+            "reference_hashes": getattr(self, "_reference_hashes", None),
             "signature": self.map.signature(), "model": self.map.to_json(),
             "sessions": self._sessions, "stages": [s.to_json() for s in self._stages],
             "error": getattr(self, "_error", None),

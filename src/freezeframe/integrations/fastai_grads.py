@@ -17,7 +17,7 @@ def frozen_with_grads(learn, cause: str) -> dict | None:
     """The fact for a stage's meta (under KEY), or None when no frozen tensor holds a gradient.
 
     tensors: frozen tensors (requires_grad False) of the optimizer whose .grad is a tensor;
-    zero_filled: how many of those gradients are all zeros; decayed: how many of those tensors
+    names: those tensors' names in the model; zero_filled: how many of those gradients are all zeros; decayed: how many of those tensors
     the optimizer applies weight decay to (its group's wd is not 0 and fastai's per-tensor
     `do_wd` flag is not False); weight_decay: the largest wd of their groups; decoupled: True for
     fastai's decoupled weight decay (`p *= 1 - lr*wd`, the default `true_wd`), False for L2
@@ -40,8 +40,10 @@ def frozen_with_grads(learn, cause: str) -> dict | None:
         if wd and (st or {}).get("do_wd", True) is not False:
             decayed += 1
         wds.append(wd or 0.0)
+    name_of = {id(p): n for n, p in learn.model.named_parameters()}
     return {"tensors": len(held), "zero_filled": zero, "decayed": decayed, "weight_decay": max(wds),
-            "decoupled": _decoupled(opt), "cause": cause}
+            "decoupled": _decoupled(opt), "cause": cause,
+            "names": sorted(name_of[id(p)] for p, _ in held if id(p) in name_of)}
 
 
 def _wd(hyper) -> float | None:

@@ -69,6 +69,7 @@ def to_reader(manifest: dict, tensors: pa.Table) -> tuple[dict, pa.Table]:
         return manifest, tensors
     m = dict(manifest)
     m["ref_norms"] = reader_list(manifest.get("ref_norms"), p0, P, B)
+    m["reference_hashes"] = reader_list(manifest.get("reference_hashes"), p0, P, B)
     stages = []
     for s in manifest.get("stages") or []:
         s = dict(s)

@@ -218,6 +218,7 @@ MANIFEST = Obj({  # the model map first: every index and per-tensor list is chec
     "schema!": Str(), "schema_version!": Int(min=1), "model!": MODEL, "framework": _nullable(Str()),
     "created": _nullable(Num()), "complete": Bool(), "steps_total": _nullable(Int(min=0)),
     "reference": Bool(), "ref_norms": _nullable(List(_nullable(Num()), same_len="tensors")),
+    "reference_hashes": PER_TENSOR_HASH,
     "sessions": List(SESSION), "stages": List(STAGE), "error": _nullable(Str()),
 })
 
