@@ -108,24 +108,23 @@ def lesson(tmp_path, fix: bool):
     return {"learn": learn, "truth": truth, "run": freezeframe.load(run_dir)}
 
 
-@pytest.fixture(scope="module")
-def lesson1(tmp_path_factory):
+def _module_lesson(tmp_path_factory, name: str, fix: bool):
     threads = torch.get_num_threads()
     try:
-        yield lesson(tmp_path_factory.mktemp("fastbook"), fix=False)
+        yield lesson(tmp_path_factory.mktemp(name), fix=fix)
     finally:
         torch.set_num_threads(threads)
         gc.collect()
+
+
+@pytest.fixture(scope="module")
+def lesson1(tmp_path_factory):
+    yield from _module_lesson(tmp_path_factory, "fastbook", fix=False)
 
 
 @pytest.fixture(scope="module")
 def lesson1_fixed(tmp_path_factory):
-    threads = torch.get_num_threads()
-    try:
-        yield lesson(tmp_path_factory.mktemp("fastbook_fixed"), fix=True)
-    finally:
-        torch.set_num_threads(threads)
-        gc.collect()
+    yield from _module_lesson(tmp_path_factory, "fastbook_fixed", fix=True)
 
 
 def test_every_stage_states_the_steps_and_epochs_it_ran(lesson1):
