@@ -46,6 +46,16 @@ def _tiny_run(run_dir: Path, steps: int = 2) -> nn.Module:
     return model
 
 
+def _train_in_stage(model: nn.Module, opt, run_dir: Path, stage: str, steps: int = 2) -> None:
+    """Two steps of `model` on random (2, 3) inputs inside one explicit stage named `stage`."""
+    with freezeframe.watch(model, opt, run_dir, every=1) as rec:
+        with rec.stage(stage):
+            for _ in range(steps):
+                opt.zero_grad()
+                model(torch.randn(2, 3)).sum().backward()
+                opt.step()
+
+
 def _tree(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
@@ -393,12 +403,7 @@ def test_names_with_spaces_unicode_html_and_markup_are_recorded_and_shown_litera
     model = _odd_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     stage = "<i>stage</i> [b]one[/b] ✓"
-    with freezeframe.watch(model, opt, run_dir, every=1) as rec:
-        with rec.stage(stage):
-            for _ in range(2):
-                opt.zero_grad()
-                model(torch.randn(2, 3)).sum().backward()
-                opt.step()
+    _train_in_stage(model, opt, run_dir, stage)
     run = freezeframe.load(run_dir)
     summary = run.summary()
     expected = [f"{name}.{t}" for name in ODD for t in ("weight", "bias")]
@@ -548,12 +553,7 @@ def test_escape_sequences_in_module_parameter_and_stage_names_never_reach_the_te
     opt = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith(left_out)], lr=0.1)
     stage = "\x1b]0;owned\x07\x1b[2Jstage\u202e"
     torch.save(model.state_dict(), tmp_path / "a.pth")
-    with freezeframe.watch(model, opt, run_dir, every=1) as rec:
-        with rec.stage(stage):
-            for _ in range(2):
-                opt.zero_grad()
-                model(torch.randn(2, 3)).sum().backward()
-                opt.step()
+    _train_in_stage(model, opt, run_dir, stage)
     torch.save(model.state_dict(), tmp_path / "b.pth")
     env = dict(cli_env, COLUMNS="400")
     for command in (["summary", str(run_dir), "--depth", "1"], ["check", str(run_dir)],
