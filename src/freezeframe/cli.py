@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from . import __version__
+from ._version import __version__
 from .errors import FreezeFrameError
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..errors import FreezeFrameError
 from ..hashing import gathered
 from . import metrics

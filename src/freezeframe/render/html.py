@@ -444,7 +444,7 @@ def render_html(run, *, data: dict | None = None, depth: int | None = None) -> s
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return __version__
 
