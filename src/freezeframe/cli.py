@@ -66,10 +66,9 @@ def cmd_check(args) -> int:
 
 
 def cmd_diff(args) -> int:
-    from .analyse.diff import diff_state_dicts
-    from .store.checkpoint import load_checkpoint
+    from .analyse.diff import diff_files
 
-    result = diff_state_dicts(load_checkpoint(args.a), load_checkpoint(args.b))
+    result = diff_files(args.a, args.b)
     if args.json:
         print(json.dumps(result, indent=2, allow_nan=False))
     else:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
@@ -12,13 +11,13 @@ try:  # importing freezeframe.lightning imports Lightning; `import freezeframe` 
 except ImportError:  # only the standalone `pytorch_lightning` package is installed
     from pytorch_lightning import Callback
 
-from .integrations.events import guarded_event, warn_stopped
-from .integrations.options import check_options
+from .integrations.adapter import SessionCallback, StageSession
+from .integrations.events import guarded_event
 
 __all__ = ["FreezeFrame"]
 
 
-class FreezeFrame(Callback):
+class FreezeFrame(SessionCallback, Callback):
     """Record what every optimizer step of a Lightning `Trainer` does to every parameter tensor.
 
     `Trainer(callbacks=[FreezeFrame("runs/x")])`: each `trainer.fit` is a stage named "fit" (one
@@ -27,70 +26,54 @@ class FreezeFrame(Callback):
     (part 2)". `trainer.validate/test/predict` record nothing. Resuming with `ckpt_path=`
     continues the same run. Options are those of `freezeframe.watch` (`every`, `mode`,
     `budget`, `reference`, ...); `mode` applies to this callback's first fit, later fits append.
+    The shared event-to-stage mapping is in docs/integrations.md.
     """
 
     def __init__(self, run_dir, *, every: int | None = None, mode: str = "append", **options):
         super().__init__()
-        check_options(mode, every, options)  # refused now, not at the first fit
-        self.run_dir = Path(run_dir)
-        self.every = every
-        self.mode = mode
-        self.options = dict(options)
-        self._rec = None
-        self._sessions = 0
-        self._failed = False
+        self._session = StageSession(run_dir, framework="lightning", label="Lightning", every=every,
+                                     mode=mode, options=options)  # refused now, not at the first fit
         self._steps_at_batch_start = 0
 
     @property
     def recorder(self):
         """The Recorder of the fit in progress (None outside a fit)."""
-        return self._rec
-
-    def __repr__(self) -> str:
-        return f"FreezeFrame({str(self.run_dir)!r})"
+        return self._session.recorder
 
     # ------------------------------------------------------------------ hooks
     # The recorder starts at on_train_start: after Lightning has built the optimizers, restored a
     # checkpoint (weights, optimizer state, the epoch counter) and run the sanity check.
     @guarded_event
     def on_train_start(self, trainer, pl_module) -> None:
-        self._close()  # a fit whose teardown never reached us
-        from .capture.recorder import Recorder
-
-        options = {**self.options, "framework": "lightning",
-                   "framework_versions": {**self.options.get("framework_versions", {}),
-                                          **_versions(trainer)}}
+        extra = {}
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
-        if options.get("scaler") is None and isinstance(scaler, torch.amp.GradScaler):
-            options["scaler"] = scaler  # Lightning's "16-mixed": count the steps its scaler skips
-        mode = self.mode if self._sessions == 0 else "append"
+        if self.options.get("scaler") is None and isinstance(scaler, torch.amp.GradScaler):
+            extra["scaler"] = scaler  # Lightning's "16-mixed": count the steps its scaler skips
         # trainer.optimizers are the torch optimizers (Lightning's LightningOptimizer wraps them
         # for the user; its step() calls theirs, where the recorder's step hooks fire, closure
-        # included: Lightning runs forward and backward inside optimizer.step).
-        self._rec = Recorder(pl_module, list(trainer.optimizers), self.run_dir, every=self.every, mode=mode,
-                             **options)
-        self._sessions += 1
-        self._rec.begin_stage("fit", epochs=_planned_epochs(trainer), meta=_fit_facts(trainer))
-        self._rec.set_counting(True)
+        # included: Lightning runs forward and backward inside optimizer.step). A session a fit
+        # whose teardown never reached us left open is closed first.
+        self._session.open(pl_module, trainer.optimizers, versions=_versions(trainer), **extra)
+        self._session.begin("fit", epochs=_planned_epochs(trainer), meta=_fit_facts(trainer))
 
     @guarded_event
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         # The next applied step begins an epoch: each stage (a part of the fit after an unfreeze
         # included) states the epochs it ran (docs/lightning.md).
-        if self._rec is not None:
-            self._rec.epoch()
+        self._session.epoch()
 
     @guarded_event
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._rec is not None:
-            self._steps_at_batch_start = self._rec.steps
+        rec = self.recorder
+        if rec is not None:
+            self._steps_at_batch_start = rec.steps
             # training_step may call submodules only (no forward hook of the LightningModule):
             # tensors unfrozen since (BackboneFinetuning) get their gradient hooks now
-            self._rec.prepare_batch()
+            rec.prepare_batch()
 
     @guarded_event
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        rec = self._rec
+        rec = self.recorder
         if rec is None or rec.steps == self._steps_at_batch_start:
             return  # no step applied in this batch (gradient accumulation, a skipped step)
         loss = _loss(outputs)
@@ -103,30 +86,12 @@ class FreezeFrame(Callback):
     @guarded_event
     def teardown(self, trainer, pl_module, stage) -> None:
         # After every on_fit_end (callbacks' and the LightningModule's): the model as fit returns it.
-        if getattr(stage, "value", stage) == "fit" and self._rec is not None:
-            self._rec.end_stage()
-            self._close()
+        if getattr(stage, "value", stage) == "fit":
+            self._session.end(close=True)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         """A fit ended by an exception (or Ctrl-C): keep what was recorded, marked incomplete."""
-        self._close(complete=False)
-
-    # ------------------------------------------------------------------ internals
-    def _close(self, complete: bool = True) -> None:
-        rec, self._rec = self._rec, None
-        if rec is not None:
-            rec.close(complete=complete)  # the recorder turns its own errors into a warning
-
-    def _ff_failed(self) -> bool:
-        return self._failed
-
-    def _ff_fail(self, where: str, exc: BaseException) -> None:
-        self._failed = True
-        warn_stopped(self.run_dir, "Lightning", where, exc)
-        try:
-            self._close(complete=False)
-        except Exception:  # noqa: BLE001
-            pass
+        self._session.close(complete=False)
 
 
 def _versions(trainer) -> dict:

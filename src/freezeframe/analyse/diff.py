@@ -8,6 +8,7 @@ import math
 import torch
 
 from ..hashing import content_hash
+from ..store.checkpoint import load_checkpoint
 from .summary import clean
 
 SCHEMA = "freezeframe.diff/1"
@@ -26,6 +27,12 @@ def _distances(a: torch.Tensor, b: torch.Tensor) -> tuple[float | None, float | 
         cos = 1.0 - float(torch.dot(a64, b64)) / (na * nb)
         cos = max(cos, 0.0) if abs(cos) < 1e-15 else cos
     return rel, cos, d, na
+
+
+def diff_files(a, b) -> dict:
+    """Compare two checkpoint files (a state_dict, a fastai or Lightning checkpoint, safetensors),
+    read by the store's checkpoint loader."""
+    return diff_state_dicts(load_checkpoint(a), load_checkpoint(b))
 
 
 def diff_state_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:

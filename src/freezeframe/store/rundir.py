@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import FreezeFrameError
 from . import layout
 
-MODES = ("append", "new", "overwrite")
+from ..modes import MODES  # one definition (freezeframe/modes.py), read by the integrations too
 
 
 def pid_alive(pid) -> bool:
