@@ -31,15 +31,38 @@ def content_hash(t: Tensor) -> str:
     return _digest(t, gathered(t.detach()))
 
 
+CHUNK_BYTES = 16 << 20  # bytes copied at a time from an accelerator or out of a strided tensor
+
+
 def _digest(t: Tensor, data: Tensor) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}|".encode())
-    if data.device.type != "cpu":
-        data = data.cpu()
-    data = data.contiguous().reshape(-1)
-    if data.numel():
-        h.update(data.view(torch.uint8).numpy().data)
+    for piece in _pieces(data):
+        h.update(piece.view(torch.uint8).numpy().data)
     return h.hexdigest()
+
+
+def _pieces(data: Tensor):
+    """The tensor's C-contiguous bytes as CPU tensors, in order, without a copy of the whole
+    tensor: a contiguous CPU tensor is read in place; one on an accelerator or strided is copied
+    CHUNK_BYTES at a time (whole rows along the first dimension, or within one row if a row is
+    larger)."""
+    if data.numel() == 0:
+        return
+    if data.device.type == "cpu" and data.is_contiguous():
+        yield data.reshape(-1)
+        return
+    if data.dim() == 0 or data.numel() * data.element_size() <= CHUNK_BYTES:
+        yield data.contiguous().cpu().reshape(-1)
+        return
+    row = data[0].numel() * data.element_size()
+    if row > CHUNK_BYTES:
+        for k in range(data.shape[0]):
+            yield from _pieces(data[k])
+        return
+    step = max(CHUNK_BYTES // row, 1)
+    for a in range(0, data.shape[0], step):
+        yield data[a:a + step].contiguous().cpu().reshape(-1)
 
 
 def content_hashes(tensors: list[Tensor], *, threads: int = 2, agree=None) -> list[str]:

@@ -452,3 +452,34 @@ def test_a_parameter_deleted_mid_run_is_one_warning_and_the_rest_is_recorded(run
     assert [e["grad_steps"] for e in by_name["fc.weight"]["stages"]] == [3, 1, 0, 0]
     assert [e["grad_steps"] for e in by_name["fc2.weight"]["stages"]] == [0, 1, 1, 3]
     assert [e["changed"] for e in by_name["fc.weight"]["stages"]][2:] == [False, False]
+
+
+def test_after_a_failed_write_nothing_later_reaches_the_disk(run_dir, monkeypatch):
+    """The writer fails on the chunk of step 2; the recorder learns of it at step 3's flush and
+    stops. Step 3 must not be written after the lost step 2: the record stays a prefix."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = freezeframe.watch(model, opt, run_dir, every=1, flush_seconds=0)
+    real = ff_writer.RunWriter._write_table
+    state = {"fail": False}
+
+    def write_table(self, final, table):
+        if state["fail"]:
+            state["fail"] = False
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        return real(self, final, table)
+
+    monkeypatch.setattr(ff_writer.RunWriter, "_write_table", write_table)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(5):
+            state["fail"] = step == 2
+            opt.zero_grad()
+            model(torch.randn(4, 3)).sum().backward()
+            opt.step()
+            rec._writer.drain()  # the writer has met (or not) its fault before the next step
+        rec.close()
+    assert len(freezeframe_warnings(caught)) == 1
+    steps = freezeframe.load(run_dir).steps().column("step").to_pylist()
+    assert steps == [0, 1], steps

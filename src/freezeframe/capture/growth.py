@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import FreezeFrameError
-from ..store import layout, writer as store
 from .modelmap import ModelMap, ParamInfo, is_norm_module, normalise_name, unwrap
 from .optim import build_layout
 from .structure import rebind, scan
@@ -97,8 +95,8 @@ class ModelChanges:
         self._seen_new.update(new)
         self._seen_gone.update(gone)
         self._capture_end("next_stage")  # the old tensors' end, before they are let go
-        rebound = rebind(replaced, self.map, self._params, self._index_of, self._ref, self._ref_norms,
-                         self.options.reference)
+        rebound, reshaped = rebind(replaced, self.map, self._params, self._index_of)
+        self._refs.reshaped(reshaped, self._step)
         names = [self._names[i] for i in rebound]
         grown = self._grow(new) if new else []
         if rebound or grown:
@@ -131,32 +129,19 @@ class ModelChanges:
             return recorded
         self._P = len(self._params)
         tensors = self._params[first:]
-        keep = self.options.reference
-        device = self.options.reference_device
-        self._ref[first:first] = [t.detach().to(device or t.device, copy=True) if keep else None for t in tensors]
-        self._ref_norms[first:first] = [float(t.detach().double().norm()) if keep else None for t in tensors]
-        if keep and self._dist.writes:
-            _extend_reference(self.path, {self._names[i]: self._params[i] for i in added})
         self._grad_flags = np.concatenate([self._grad_flags, [int(t.grad is not None) for t in tensors]]).astype(np.uint8)
         self._hooked = np.concatenate([self._hooked, np.zeros(len(tensors), dtype=bool)])
         self._bounds.grow(first)
+        hashes = self._bounds.baseline[first:self._P]  # their bytes now: the bytes their W_ref must have
+        if self._reference_hashes is not None:
+            self._reference_hashes += hashes  # stored order: added parameters come last
+        self._refs.grow(first, hashes, self._step)  # W_ref now of those trainable, lazily of the others
         self.map.buffers_at = self._p0
         return recorded
 
 
 
 _NOT_GROWN = "not recorded: under torch.distributed a run's parameters are those watching began with"
-
-
-def _extend_reference(path: Path, tensors: dict) -> None:
-    """Add W_ref of parameters that appeared while recording to reference.safetensors, replaced
-    atomically (a reader sees the old file or the new one)."""
-    from safetensors.torch import load_file, save
-
-    ref = path / layout.REFERENCE
-    stored = load_file(str(ref)) if ref.exists() else {}
-    stored.update({n: t.detach().to("cpu", copy=True).contiguous() for n, t in tensors.items()})
-    store.atomic_write_bytes(ref, save(stored))
 
 
 def _few(names: list[str]) -> str:

@@ -25,10 +25,11 @@ from .boundaries import BoundaryTracker
 from .columns import Columns
 from .dist import Concord, Dist, NullWriter, PeerFailed
 from .scaler import ScalerWatch
-from .session import Options, check_same_model, load_or_create_reference, versions
+from .session import Options, check_same_model, versions
+from .reference import References
 from .growth import ModelChanges, adopt_order
 from .modelmap import add_optimizer_only, build_model_map
-from ..store.indexspace import reader_list, stored_list, stored_tensor_index
+from ..store.indexspace import stored_list, stored_tensor_index
 from .passes import PassHooks
 from .optim import OptimizerView, as_view, build_layout, unwrap_optimizer
 from .logvalues import describe as _describe, scalar as _scalar
@@ -90,11 +91,11 @@ class Recorder(ModelChanges):
             self._concord.fail(e)  # the other ranks stop at their first agreement
             raise
         try:
-            self._ref, self._ref_norms = load_or_create_reference(
-                self.path, self._names, self._params + self._buffers, existing, self.options,
-                save=self._dist.writes, agree=self._concord.agree)
-            if existing is not None and self._p0 != self._P:
-                self._ref_norms = reader_list(self._ref_norms, self._p0, self._P, self._B)
+            # W_ref only of what trains (capture/reference.py); the lists are shared, mutated in place
+            self._refs = References(self.path, self._names, self._params, self._buffers, keep=self.options.reference,
+                                    device=self.options.reference_device, writes=self._dist.writes,
+                                    concord=self._concord, p0=self._p0)
+            self._ref, self._ref_norms = self._refs.values, self._refs.norms
             self.session = len(self._sessions)
             self._sessions.append({
                 "index": self.session, "pid": os.getpid(), "host": socket.gethostname(),
@@ -113,6 +114,7 @@ class Recorder(ModelChanges):
             # stored tensor order: the proof behind "bitwise equal to W_ref" (docs/run-format.md).
             self._reference_hashes = (list(self._bounds.baseline) if existing is None
                                       else existing.get("reference_hashes"))
+            self._refs.start(existing, self._bounds.baseline, self._step)  # writes the reference file
             self._install_hooks()
             self._flush()
         except FreezeFrameError as e:
@@ -123,11 +125,18 @@ class Recorder(ModelChanges):
         except Exception as e:  # noqa: BLE001 - an internal error must not stop the user's training
             self._concord.fail(e)
             self._remove_hooks()
+            self._error = f"start: {type(e).__name__}: {e}"
+            if isinstance(e, PeerFailed) and getattr(self, "_writer", None) is not None:
+                # another rank failed while this one started: its run says so (docs/distributed.md)
+                try:
+                    self._flush(complete=False)
+                    self._writer.close(compact=False)
+                except BaseException:  # noqa: BLE001 - the disk may be the fault
+                    pass
             self._unlock()
             if getattr(self, "_finalizer", None) is not None:
                 self._finalizer()  # stops the writer thread if it was started
             self._dead = self._closed = True
-            self._error = f"start: {type(e).__name__}: {e}"
             warnings.warn(f"freezeframe could not start recording {str(self.path)!r}: {type(e).__name__}: {e}. "
                           "Training is not affected; nothing is recorded.", RuntimeWarning, stacklevel=3)
             log.debug("freezeframe internal error", exc_info=e)
@@ -354,6 +363,7 @@ class Recorder(ModelChanges):
         began = self._book.starts_new(trainable, self._layout)
         stage = self._book.begin(trainable, self._layout, self._step) if began else self._book.current
         if began:
+            self._stage_began(stage, trainable)
             self._flush()  # the new stage's name and facts reach the disk with its first rows
         hypers = [h for v in self._views for h in v.hypers()]
         self._book.note_hypers(hypers)
@@ -448,7 +458,17 @@ class Recorder(ModelChanges):
     def _capture_end(self, detected: str = "stage_end") -> None:
         """A known stage end (explicit stage exit, framework boundary, close): hash everything."""
         if self._book.capture_end(detected):
+            self._refs.complete_end(self._book.current, self._book.internal, self._book.stored)
             self._flush()
+
+    def _stage_began(self, stage: StageRecord, trainable: list[int]) -> None:
+        """A stage's first step is about to apply: the previous stage's end (if found only now)
+        completed, and W_ref taken of tensors trainable for the first time, checked against
+        their hash at this stage's start (docs/recording.md, "The reference")."""
+        if len(self._stages) > 1 and self._stages[-2].session == self.session:
+            self._refs.complete_end(self._stages[-2], self._book.internal, self._book.stored)
+        if any(self._ref[i] is None for i in trainable):
+            self._refs.take(trainable, self._book.internal(stage.start_hashes), self._step)
 
     # ------------------------------------------------------------------ the store
     def _manifest(self, complete: bool) -> dict:
@@ -458,6 +478,7 @@ class Recorder(ModelChanges):
             "reference": bool(self.options.reference),
             "ref_norms": [_finite(x) for x in stored_list(self._ref_norms, self._p0, self._P, self._B)],
             "reference_hashes": getattr(self, "_reference_hashes", None),
+            **(self._refs.manifest_fields(self._p0, self._P, self._B) if hasattr(self, "_refs") else {}),
             "signature": self.map.signature(), "model": self.map.to_json(),
             "sessions": self._sessions, "stages": [s.to_json() for s in self._stages],
             "error": getattr(self, "_error", None),
@@ -465,10 +486,16 @@ class Recorder(ModelChanges):
 
     def _flush(self, complete: bool = False) -> None:
         if self._writer.error is not None:
-            err, self._writer.error = self._writer.error, None
+            # kept set: the writer writes nothing after its first failure, so what reaches the
+            # disk stays a prefix of the steps (a later flush must not land after a lost one)
+            err = self._writer.error
             raise RuntimeError(f"writing the run failed: {err}") from err
         manifest = json.dumps(self._manifest(complete), allow_nan=False).encode()
-        self._writer.submit(self._cols.take(), manifest)
+        reference = self._refs.pending()  # W_ref taken since the last hand-over: written before the manifest
+        if reference:
+            self._writer.submit(self._cols.take(), manifest, reference)
+        else:
+            self._writer.submit(self._cols.take(), manifest)
         self._last_flush = time.monotonic()
 
     # ------------------------------------------------------------------ public API
@@ -517,6 +544,7 @@ class Recorder(ModelChanges):
         if view.hookable is not None and any(v.hookable is view.hookable for v in self._views):
             return  # already followed
         self._guard("track()", self._check_structure)
+        self._guard("track()", self._refs.take_trainable, self._step, self.options.hash_threads)
         if self._dead:
             return
         j = len(self._views)

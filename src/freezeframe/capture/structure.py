@@ -30,11 +30,11 @@ def scan(model: torch.nn.Module, model_map: ModelMap, params: list) -> tuple[lis
     return replaced, [n for n in current if n not in known], gone
 
 
-def rebind(replaced: list[tuple[int, torch.Tensor]], model_map: ModelMap, params: list, index_of: dict,
-           refs: list, ref_norms: list, keep_reference: bool) -> list[int]:
-    """Rebind, in place, each replaced parameter. A tensor of another shape or dtype has no
-    reference: its drift counts from its first value. Returns the rebound indices."""
-    rebound = []
+def rebind(replaced: list[tuple[int, torch.Tensor]], model_map: ModelMap, params: list,
+           index_of: dict) -> tuple[list[int], list[int]]:
+    """Rebind, in place, each replaced parameter. Returns (the rebound indices, those of another
+    shape or dtype: their drift counts from their first value, see capture/reference.py)."""
+    rebound, reshaped = [], []
     for i, p in replaced:
         info = model_map.params[i]
         index_of.pop(id(params[i]), None)
@@ -43,7 +43,6 @@ def rebind(replaced: list[tuple[int, torch.Tensor]], model_map: ModelMap, params
         dtype = str(p.dtype).removeprefix("torch.")
         if list(p.shape) != info.shape or dtype != info.dtype:
             info.shape, info.numel, info.dtype = list(p.shape), p.numel(), dtype
-            refs[i] = p.detach().clone() if keep_reference else None
-            ref_norms[i] = float(p.detach().double().norm()) if keep_reference else None
+            reshaped.append(i)
         rebound.append(i)
-    return rebound
+    return rebound, reshaped

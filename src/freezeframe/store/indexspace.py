@@ -15,6 +15,7 @@ import pyarrow as pa
 from ..errors import RunError
 
 _PER_TENSOR = ("start_hashes", "end_hashes")
+_PER_TENSOR_RUN = ("reference_hashes", "reference_taken", "reference_refused")
 _PER_TENSOR_METRICS = ("param_norm", "drift")
 
 
@@ -69,7 +70,8 @@ def to_reader(manifest: dict, tensors: pa.Table) -> tuple[dict, pa.Table]:
         return manifest, tensors
     m = dict(manifest)
     m["ref_norms"] = reader_list(manifest.get("ref_norms"), p0, P, B)
-    m["reference_hashes"] = reader_list(manifest.get("reference_hashes"), p0, P, B)
+    for key in _PER_TENSOR_RUN:
+        m[key] = reader_list(manifest.get(key), p0, P, B)
     stages = []
     for s in manifest.get("stages") or []:
         s = dict(s)

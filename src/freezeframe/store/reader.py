@@ -34,13 +34,18 @@ class StoredRun:
     unreadable: list[str] = field(default_factory=list)  # one line per chunk that could not be read
 
     def reference(self) -> dict:
-        """W_ref by tensor name (CPU tensors), {} when the run was recorded without one."""
+        """W_ref by tensor name (CPU tensors): what reference.safetensors holds, i.e. the tensors
+        whose W_ref was taken (manifest `reference_taken`; buffers, and parameters once they
+        trained), {} when the run was recorded without one (docs/run-format.md)."""
         ref = self.path / layout.REFERENCE
         if not ref.exists():
             return {}
         from safetensors.torch import load_file
 
-        return load_file(str(ref))
+        try:
+            return load_file(str(ref))
+        except Exception as e:  # noqa: BLE001 - torn or overwritten: say which file, not a library error
+            raise RunError(f"{str(ref)!r} is damaged: {e}") from None
 
 
 def _chunk_files(folder: Path) -> list[Path]:

@@ -171,9 +171,11 @@ def _nullable(spec: Spec) -> Spec:
 NAMES = List(Str())
 PER_TENSOR_NUM = _nullable(List(_nullable(Num()), max_len="tensors"))
 PER_TENSOR_HASH = _nullable(List(_nullable(Str()), max_len="tensors"))
+PER_TENSOR_STR = _nullable(List(_nullable(Str()), max_len="tensors"))
 
 PARAM = Obj({"name!": Str(), "aliases!": NAMES, "module!": Str(), "module_type!": Str(),
-             "shape!": List(Int(min=0)), "numel!": Int(min=0), "dtype": Str(), "is_norm!": Bool()})
+             "shape!": List(Int(min=0)), "numel!": Int(min=0), "dtype": Str(), "is_norm!": Bool(),
+             "adapter": _nullable(Str())})  # PEFT adapter tensors only (docs/peft.md)
 BUFFER = Obj({"name!": Str(), "module!": Str(), "module_type": Str(), "shape": List(Int(min=0)),
               "numel": Int(min=0), "dtype": Str()})
 MODULE = Obj({"name!": Str(), "type!": Str(), "is_norm": Bool()})
@@ -211,14 +213,25 @@ STAGE = Obj({
     "outside_writes": _nullable(List(OUTSIDE_WRITE)),
     "model_changes": _nullable(Obj({"replaced": NAMES, "added": NAMES, "removed": NAMES})),
     "shared_between_optimizers": _nullable(NAMES),
+    # per LoRA-wrapped module at the stage's end (docs/peft.md)
+    "lora": _nullable(Obj(values=Obj({"adapter": _nullable(Str()), "delta_rel": _nullable(Num()),
+                                      "b_zero": _nullable(Bool()), "a_zero": _nullable(Bool()),
+                                      "merged": _nullable(Bool()), "removed": _nullable(Bool())}))),
 })
+PEFT = Obj({"type": _nullable(Str()), "r": _nullable(Num()), "lora_alpha": _nullable(Num()),
+            "use_rslora": _nullable(Bool()), "use_dora": _nullable(Bool()), "bias": _nullable(Str()),
+            "adapters": NAMES, "active": _nullable(NAMES)})
 MODEL = Obj({"params!": List(PARAM, min_len=1), "buffers!": List(BUFFER), "modules!": List(MODULE),
-             "buffers_at": Int(min=1)})  # P0, at most the number of parameters (checked below)
+             "buffers_at": Int(min=1),  # P0, at most the number of parameters (checked below)
+             "peft": _nullable(PEFT)})
 MANIFEST = Obj({  # the model map first: every index and per-tensor list is checked against it
     "schema!": Str(), "schema_version!": Int(min=1), "model!": MODEL, "framework": _nullable(Str()),
     "created": _nullable(Num()), "complete": Bool(), "steps_total": _nullable(Int(min=0)),
     "reference": Bool(), "ref_norms": _nullable(List(_nullable(Num()), same_len="tensors")),
     "reference_hashes": PER_TENSOR_HASH,
+    # per tensor: the step at which its W_ref was taken (null: none kept), why one was refused
+    "reference_taken": _nullable(List(_nullable(Int(min=0)), max_len="tensors")),
+    "reference_refused": PER_TENSOR_STR,
     "sessions": List(SESSION), "stages": List(STAGE), "error": _nullable(Str()),
 })
 

@@ -30,6 +30,33 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def write_reference(path: Path, tensors: dict) -> None:
+    """Add `tensors` (name -> W_ref) to the run's reference.safetensors, replacing entries of the
+    same name, atomically (a temporary file, then os.replace: a reader sees the old file or the
+    new one). The file's other entries are read back from it (the caller keeps no copy of them);
+    CPU tensors are written from their own memory (docs/run-format.md, "reference.safetensors")."""
+    from safetensors.torch import load_file, save_file
+
+    ref = path / layout.REFERENCE
+    merged = {}
+    if ref.exists():
+        try:
+            merged = {n: t for n, t in load_file(str(ref)).items() if n not in tensors}
+        except Exception as e:  # noqa: BLE001 - a damaged file (e.g. torn by a power loss) is replaced
+            log.warning("freezeframe: %s could not be read (%s); it is rewritten with the refs taken now", ref, e)
+    for n, t in tensors.items():
+        t = t.detach()
+        merged[n] = t if t.device.type == "cpu" and t.is_contiguous() else t.to("cpu").contiguous()
+    tmp = ref.with_name(f".{ref.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        save_file(merged, str(tmp))
+        with open(tmp, "rb") as f:  # on disk before the rename, as every file of the run
+            os.fsync(f.fileno())
+        os.replace(tmp, ref)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class RunWriter:
     """A background thread that writes what the recorder hands it. The training thread only
     enqueues; `error` holds the first exception the thread met (the recorder turns it into
@@ -55,8 +82,10 @@ class RunWriter:
         self._thread.start()
 
     # -- called on the training thread ------------------------------------------------------
-    def submit(self, tables: dict[str, pa.Table], manifest: bytes | None) -> None:
-        self._queue.put((tables, manifest, time.monotonic()))
+    def submit(self, tables: dict[str, pa.Table], manifest: bytes | None, reference: dict | None = None) -> None:
+        """`reference`: W_ref taken since the last hand-over, added to reference.safetensors
+        before the manifest that names them is written."""
+        self._queue.put((tables, manifest, time.monotonic(), reference))
 
     def drain(self) -> None:
         """Wait until everything submitted is on disk."""
@@ -91,18 +120,20 @@ class RunWriter:
             try:
                 if job is None:
                     return
-                tables, manifest, handed_over = job
+                tables, manifest, handed_over, reference = job
                 if self.error is None:
-                    self._write(tables, manifest)
+                    self._write(tables, manifest, reference)
             except BaseException as e:  # noqa: BLE001 - reported by the recorder
                 self.error = e
             finally:
                 self._queue.task_done()
 
-    def _write(self, tables: dict[str, pa.Table], manifest: bytes | None) -> None:
+    def _write(self, tables: dict[str, pa.Table], manifest: bytes | None, reference: dict | None = None) -> None:
         if self._lock is not None and not self._lock.held():
             raise FreezeFrameError(f"{self._lock.why_lost()}; this recorder stops writing to it")
         try:
+            if reference:
+                write_reference(self.path, reference)
             self._write_all(tables, manifest)
         except FileNotFoundError:
             if self._lock is not None and not self._lock.held():  # deleted while this write ran
