@@ -37,7 +37,7 @@ def answers(summary: dict) -> list[dict]:
         {"question": "Does each fit run my data through all the layers and update every weight?",
          "answer": _join([_updates(summary, s) for s in stages] or ["No training step was recorded."], trial)},
         {"question": "Does unfreezing eliminate the pretrained weights?",
-         "answer": _join(_unfreezing(summary, stages), trial)},
+         "answer": _join(_unfreezing(summary, stages) + _adapters(summary, stages), trial)},
         {"question": "Does the next fit build on the previous one or start over?",
          "answer": " ".join(_continuity(summary, stages))},
     ]
@@ -225,6 +225,15 @@ def _why_unknown(summary: dict, last: dict, missing: list[dict], den: float) -> 
         return "the stage's end was not captured (the run was interrupted)"
     if not missing and den == 0:
         return "their starting weights are all zero, so a relative distance is undefined"
+    refused = [p for p in missing if p.get("reference_refused")]
+    if refused:
+        return (f"no W_ref was kept for {_plural(len(refused), 'tensor')} of them ({refused[0]['name']}: "
+                f"{refused[0]['reference_refused']})")
+    never = [p for p in missing if not any(e.get("trainable") for e in p["stages"])]
+    if never:  # no copy is kept of a tensor that never trains: only its hashes, which differ
+        return (f"{_plural(len(never), 'tensor')} of them never trained, and their bytes are not those watching "
+                "began with (written or replaced while frozen); no copy of a tensor that never trains is kept, so only "
+                "that they differ is known")
     return f"no drift was measured for {_plural(len(missing), 'tensor')} of them"
 
 
@@ -257,3 +266,48 @@ def _continuity(summary: dict, stages: list[dict]) -> list[str]:
             lines.append(f"Whether {_label(s)} started where the previous stage ended is unknown: the previous "
                          "stage's end was not captured.")
     return lines or ["The run has a single training stage."]
+
+
+def _adapters(summary: dict, stages: list[dict]) -> list[str]:
+    """For a PEFT run (docs/peft.md): are the base tensors unchanged at the end of the last
+    training stage, did the adapter tensors train, and where is the adapter's update ΔW = scale·B·A
+    largest relative to its base weight (the effective update for LoRA, the low-rank update for DoRA)."""
+    if not summary["run"].get("peft") or not stages:
+        return []
+    last = stages[-1]
+    k = _k(summary, last)
+    base = [p for p in summary["params"] if p.get("adapter") is None]
+    adapters = [p for p in summary["params"] if p.get("adapter")]
+    same = [p for p in base if p["stages"][k].get("same_as_start") is True]
+    moved = [p for p in base if p["stages"][k].get("same_as_start") is False]
+    if base and len(same) == len(base):
+        out = [f"At the end of {_label(last)}, the {_plural(len(base), 'base tensor')} "
+               f"({_n(sum(p['numel'] for p in base))} parameters) are bitwise unchanged"]
+    elif moved:
+        out = [f"At the end of {_label(last)}, {_n(len(moved))} of the {_plural(len(base), 'base tensor')} differ "
+               "from the weights watching began with (see the base-changed and adapter-merged findings)"]
+    else:
+        out = [f"Whether the {_plural(len(base), 'base tensor')} are unchanged at the end of {_label(last)} is "
+               "unknown (an end not captured)"]
+    ks = [_k(summary, s) for s in stages]
+    trained = [p for p in adapters if any(p["stages"][j]["changed"] is True for j in ks)]
+    if adapters:
+        out.append(f"the {_plural(len(adapters), 'adapter tensor')} trained" if len(trained) == len(adapters)
+                   else f"{_n(len(trained))} of the {_plural(len(adapters), 'adapter tensor')} trained")
+    lora_stage = next((s for s in reversed(stages) if s.get("lora")), None)
+    if lora_stage is not None:
+        rel = {m: e["delta_rel"] for m, e in lora_stage["lora"].items() if e.get("delta_rel") is not None}
+        if rel and any(rel.values()):
+            top = max(rel, key=rel.get)
+            if summary["run"]["peft"].get("use_dora"):  # m·(W+ΔW)/‖W+ΔW‖: ΔW is only the direction's part
+                out.append(f"the low-rank update scale·B·A is largest in {top}, {_pct(rel[top])} of W "
+                           f"(‖scale·B·A‖/‖W‖ at the end of {_label(lora_stage)}; with DoRA the magnitude vector "
+                           "also scales the weight, see its tensor's facts)")
+            else:
+                out.append(f"the effective update ΔW = scale·B·A is largest in {top}, {_pct(rel[top])} of W "
+                           f"(‖ΔW‖/‖W‖ at the end of {_label(lora_stage)})")
+        elif all(e.get("b_zero") is True or e.get("a_zero") is True for e in lora_stage["lora"].values()):
+            out.append(f"every adapter has a factor (lora_B, or an embedding's lora_embedding_A) still exactly zero "
+                       f"at the end of {_label(lora_stage)}, so ΔW = 0: the adapters change nothing (see the "
+                       "lora-b-still-zero finding)")
+    return ["; ".join(out) + "."]

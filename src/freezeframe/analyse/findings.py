@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import findings_writes
+from . import findings_peft, findings_writes
 
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 
@@ -33,7 +33,7 @@ def frozen_param_changed(summary, view) -> list[dict]:
             out.append(_finding(
                 "frozen-param-changed", "error",
                 f"{len(hit)} tensor(s) frozen for the whole of stage {s['name']!r} changed anyway ({_names(names)}): "
-                + _frozen_change_cause(s, k, hit), s["index"], names))
+                + _frozen_change_cause(s, k, hit) + findings_peft.merge_hint(summary, names), s["index"], names))
     return out
 
 
@@ -113,8 +113,8 @@ def trainable_not_in_optimizer(summary, view) -> list[dict]:
                 "trainable-not-in-optimizer", "error",
                 f"In stage {s['name']!r}, {len(hit)} tensor(s) received gradients but no watched optimizer holds them, "
                 f"so they never move ({_names(hit)}). After unfreezing, add them to the optimizer "
-                "(or rebuild it); if another optimizer updates them, pass it to watch() or rec.track().",
-                s["index"], hit))
+                "(or rebuild it); if another optimizer updates them, pass it to watch() or rec.track()."
+                + findings_peft.optimizer_hint(summary, hit), s["index"], hit))
     return out
 
 
@@ -266,7 +266,7 @@ def bn_trains_in_frozen_group(summary, view) -> list[dict]:
 
 CHECKS = [trainable_not_in_optimizer, frozen_param_changed, nonfinite, stage_discontinuity, zero_lr_group,
           trainable_never_gets_grad, frozen_bn_stats_changed, optimizer_state_reset, update_ratio_outlier,
-          bn_trains_in_frozen_group, *findings_writes.CHECKS]
+          bn_trains_in_frozen_group, *findings_writes.CHECKS, *findings_peft.CHECKS]
 
 
 def find(summary: dict, view=None) -> list[dict]:

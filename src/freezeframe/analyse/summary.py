@@ -166,6 +166,7 @@ def build_summary(run: StoredRun) -> dict:
             "outside_writes": [dict(w) for w in s.get("outside_writes") or []],
             "model_changes": s.get("model_changes") or None,
             "shared_between_optimizers": list(s.get("shared_between_optimizers") or []),
+            "lora": lora_record(s.get("lora")),
         })
         for i in range(P + B):
             changed = None
@@ -194,6 +195,8 @@ def build_summary(run: StoredRun) -> dict:
         out_params.append({
             "name": p["name"], "aliases": p["aliases"], "module": p["module"], "module_type": p["module_type"],
             "shape": p["shape"], "numel": p["numel"], "is_norm": p["is_norm"], "ref_norm": ref_norms[i],
+            "reference_refused": _at(m.get("reference_refused") or [], i),  # why no W_ref: drift unknown
+            "adapter": p.get("adapter") if isinstance(p.get("adapter"), str) else None,
             "present_from_stage": stages[present]["index"] if stages else None,
             "stages": [{"stage": stages[k]["index"], **e} for k, e in enumerate(per_tensor[i])],
         })
@@ -201,7 +204,7 @@ def build_summary(run: StoredRun) -> dict:
                     "stages": [{"stage": stages[k]["index"], "changed": e["changed"], "drift_rel": e["drift_rel"]}
                                for k, e in enumerate(per_tensor[P + bi])]}
                    for bi, b in enumerate(buffers)]
-    out_modules = module_rollup(out_params, ref_norms[:P], m["model"]["modules"])
+    out_modules = module_rollup(out_params, ref_norms[:P], m["model"]["modules"], out_stages)
 
     sessions = [{"index": s["index"], "every": s.get("every"), "calibration": s.get("calibration"),
                  "versions": s.get("versions"), "started": s.get("started"), "ended": s.get("ended"),
@@ -223,6 +226,7 @@ def build_summary(run: StoredRun) -> dict:
             "unreadable": unreadable, "recovered_steps": int(len(view.step)),
             "error": m.get("error"), "reference": bool(m.get("reference", True)),
             "sessions": sessions, "warnings": list(run.warnings),
+            "peft": m["model"].get("peft") if isinstance(m["model"].get("peft"), dict) else None,
         },
         "stages": out_stages,
         "params": out_params,
@@ -238,8 +242,33 @@ def build_summary(run: StoredRun) -> dict:
     return clean(summary)
 
 
-def module_rollup(params: list[dict], ref_norms: list, modules: list[dict]) -> list[dict]:
-    """Per module owning parameters: tri-state trainable, changed, drift_rel of its tensors."""
+def lora_record(lora) -> dict | None:
+    """A stage's `lora` (docs/peft.md) as stored, entries of the wrong shape left out."""
+    if not isinstance(lora, dict):
+        return None
+    out = {}
+    for name, e in lora.items():
+        if isinstance(e, dict):
+            rel = e.get("delta_rel")
+            out[str(name)] = {"adapter": e.get("adapter") if isinstance(e.get("adapter"), str) else None,
+                              "delta_rel": rel if isinstance(rel, (int, float)) and not isinstance(rel, bool) else None,
+                              **{k: e.get(k) if isinstance(e.get(k), bool) else None
+                                 for k in ("b_zero", "a_zero", "merged")},
+                              "removed": e.get("removed") is True}
+    return out or None
+
+
+def lora_wrapped(name: str) -> str:
+    """The LoRA-wrapped module whose base weight module `name` is (`...c_attn.base_layer` ->
+    `...c_attn`), else `name` itself."""
+    return name[: -len(".base_layer")] if name.endswith(".base_layer") else name
+
+
+def module_rollup(params: list[dict], ref_norms: list, modules: list[dict],
+                  stages: list[dict] | None = None) -> list[dict]:
+    """Per module owning parameters: tri-state trainable, changed, drift_rel of its tensors, the
+    adapter its tensors belong to and, on a LoRA base layer's row, the adapter's effective
+    update at each stage's end (`lora_delta_rel`, docs/peft.md)."""
     by_module: dict[str, list[int]] = {}
     for i, p in enumerate(params):
         by_module.setdefault(p["module"], []).append(i)
@@ -262,8 +291,12 @@ def module_rollup(params: list[dict], ref_norms: list, modules: list[dict]) -> l
             drift_rel = None
             if all(x is not None for x in d) and all(x is not None for x in r) and sum(x * x for x in r) > 0:
                 drift_rel = math.sqrt(sum(x * x for x in d)) / math.sqrt(sum(x * x for x in r))
-            st_out.append({"stage": es[0]["stage"], "trainable": trainable, "changed": changed, "drift_rel": drift_rel})
+            lora = ((stages[k].get("lora") or {}) if stages is not None and k < len(stages) else {}).get(lora_wrapped(name))
+            st_out.append({"stage": es[0]["stage"], "trainable": trainable, "changed": changed, "drift_rel": drift_rel,
+                           "lora_delta_rel": lora.get("delta_rel") if isinstance(lora, dict) else None})
         groups = sorted({e["group"] for i in idx for e in params[i]["stages"] if e["group"] is not None})
+        adapters = {params[i].get("adapter") for i in idx}
         out.append({"name": name, "type": types.get(name, params[idx[0]]["module_type"]),
-                    "groups": groups, "params": [params[i]["name"] for i in idx], "stages": st_out})
+                    "groups": groups, "params": [params[i]["name"] for i in idx],
+                    "adapter": adapters.pop() if len(adapters) == 1 else None, "stages": st_out})
     return out

@@ -287,3 +287,26 @@ def update_matrix(summary: dict, steps: pa.Table, tensors: pa.Table, rows: list[
     with np.errstate(divide="ignore", invalid="ignore"):
         values = np.where((cnt > 0) & (par > 0), 0.5 * (np.log10(upd) - np.log10(par)), np.nan)
     return {"steps": columns, "stage": col_stage, "values": values, "nonfinite": nonfinite}
+
+
+def adapters_table(summary: dict) -> dict | None:
+    """The report's Adapters table for a PEFT run (docs/peft.md), null otherwise: per LoRA-wrapped
+    module, its adapter, `delta_rel` at each captured stage end (null where none was captured),
+    whether lora_B and lora_A are exactly zero and whether its base tensors are bitwise as watching
+    began, at the last stage that recorded it; `dora`: the update is DoRA's low-rank part only."""
+    if not summary["run"].get("peft"):
+        return None
+    stages = [s for s in summary["stages"] if s["kind"] != "trial"]
+    modules = list(dict.fromkeys(m for s in stages for m in (s.get("lora") or {})))
+    rows = []
+    for m in modules:
+        entries = [(summary["stages"].index(s), (s.get("lora") or {}).get(m)) for s in stages]
+        k, last = next(((k, e) for k, e in reversed(entries) if e), (None, None))
+        base = [p for p in summary["params"] if p["name"].startswith(f"{m}.base_layer.")]
+        same = [p["stages"][k].get("same_as_start") for p in base] if k is not None else []
+        rows.append({"module": m, "adapter": last.get("adapter") if last else None,
+                     "delta_rel": [e.get("delta_rel") if e else None for _, e in entries],
+                     "b_zero": last.get("b_zero") if last else None,
+                     "a_zero": last.get("a_zero") if last else None,
+                     "base_unchanged": None if not same or any(x is None for x in same) else all(same)})
+    return {"stages": [s["name"] for s in stages], "rows": rows, "dora": bool(summary["run"]["peft"].get("use_dora"))}

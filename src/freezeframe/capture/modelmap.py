@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import FreezeFrameError
+from .peft import ModelFacts
 
 # Name segments that wrappers insert inside a model (torch.compile of a submodule, FSDP1,
 # activation checkpointing). Names are always the unwrapped model's. A DDP / DataParallel
@@ -61,11 +62,13 @@ class ParamInfo:
     dtype: str
     is_norm: bool
     from_stage: int | None = None  # set for a parameter that appeared after watching began
+    adapter: str | None = None     # the PEFT adapter it belongs to (docs/peft.md); absent: a base tensor
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
-        if d["from_stage"] is None:
-            del d["from_stage"]
+        for key in ("from_stage", "adapter"):
+            if d[key] is None:
+                del d[key]
         return d
 
 
@@ -82,6 +85,13 @@ class BufferInfo:
         return dict(self.__dict__)
 
 
+class ParamTensors(list):
+    """The map's parameter tensors. `facts` carries what capture/peft.py reads from the model at
+    stage boundaries to the stage book, which is handed this list."""
+
+    facts: ModelFacts | None = None
+
+
 @dataclass
 class ModelMap:
     """What the recorder knows about the model's structure. Tensors are addressed by index:
@@ -90,7 +100,7 @@ class ModelMap:
     params: list[ParamInfo]
     buffers: list[BufferInfo]
     modules: list[dict]  # name, type, is_norm, in model order
-    param_tensors: list[torch.Tensor] = field(repr=False, default_factory=list)
+    param_tensors: list[torch.Tensor] = field(repr=False, default_factory=ParamTensors)
     buffer_tensors: list[torch.Tensor] = field(repr=False, default_factory=list)
 
     @property
@@ -105,6 +115,12 @@ class ModelMap:
         """What must match for a run to be appended to: names, shapes and dtypes of the parameters."""
         return [[p.name, p.shape, p.dtype] for p in self.params]
 
+    @property
+    def peft(self) -> dict | None:
+        """The manifest's `model.peft` (docs/peft.md)."""
+        facts = getattr(self.param_tensors, "facts", None)
+        return None if facts is None else facts.peft
+
     buffers_at: int | None = None  # P0 once parameters were added (docs/run-format.md, "Tensor indices")
 
     def to_json(self) -> dict:
@@ -112,6 +128,7 @@ class ModelMap:
             "params": [p.to_json() for p in self.params],
             "buffers": [b.to_json() for b in self.buffers],
             "modules": self.modules,
+            "peft": self.peft,
         }
         if self.buffers_at is not None and self.buffers_at != len(self.params):
             out["buffers_at"] = self.buffers_at
@@ -129,8 +146,10 @@ def build_model_map(model: nn.Module) -> ModelMap:
         module_of[name] = mod
         modules.append({"name": name, "type": type(mod).__name__, "is_norm": is_norm_module(mod)})
 
+    facts = ModelFacts(root, normalise_name)
     params: list[ParamInfo] = []
-    tensors: list[torch.Tensor] = []
+    tensors = ParamTensors()
+    tensors.facts = facts
     by_id: dict[int, int] = {}
     for pname, p in root.named_parameters(remove_duplicate=False):
         name = normalise_name(pname)
@@ -148,7 +167,7 @@ def build_model_map(model: nn.Module) -> ModelMap:
         params.append(ParamInfo(
             name=name, aliases=[], module=mname, module_type=type(mod).__name__,
             shape=list(p.shape), numel=p.numel(), dtype=str(p.dtype).removeprefix("torch."),
-            is_norm=is_norm_module(mod),
+            is_norm=is_norm_module(mod), adapter=facts.adapter_of(name),
         ))
         tensors.append(p)
     if not params:

@@ -70,6 +70,9 @@ class StageBook:
             skipped_steps=self._skips_before if self.skips_known else None,
         )
         self._skips_before = 0
+        facts = getattr(self.params, "facts", None)  # capture/peft.py, carried by the map's list
+        if facts is not None:
+            facts.stage_begin(stage.meta)
         prev_c = previous_for_continuity(self.stages)
         judge_continuity(stage, prev_c, self.stored(self.names))
         if self.model_changes is not None:
@@ -140,6 +143,9 @@ class StageBook:
         end, wp, wb = self.bounds.known_end(_held(st), self.internal(st.start_hashes))
         self._note_writes(st, "after_last_step", detected, wp, wb)
         self.close(st, end, "hashed", self.params + self.buffers)
+        facts = getattr(self.params, "facts", None)
+        if facts is not None:
+            st.lora = facts.stage_end()  # after the end hashes: it reads, never writes (docs/peft.md)
         return True
 
     def _note_writes(self, stage: StageRecord, when: str, detected: str, params: list[int],

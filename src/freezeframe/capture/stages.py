@@ -42,6 +42,7 @@ class StageRecord:
     outside_writes: list = field(default_factory=list)    # tensors written outside an optimizer step
     model_changes: dict | None = None                     # the model's tensor set changed before this stage
     shared_between_optimizers: list = field(default_factory=list)  # names stepped by several optimizers
+    lora: dict | None = None  # at a captured end: {module: {adapter, delta_rel, b_zero, a_zero, merged}} (docs/peft.md)
 
     def note_epoch_start(self, step: int) -> None:
         """The stage's first applied step in an epoch."""

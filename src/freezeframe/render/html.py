@@ -414,6 +414,8 @@ def render_html(run, *, data: dict | None = None, depth: int | None = None) -> s
     import plotly.offline
 
     from ..analyse.figures import from_run
+    from ..analyse.tables import adapters_table
+    from .adapters import adapters_html
 
     summary = run.summary()
     data = from_run(run, depth=depth) if data is None else data
@@ -421,7 +423,8 @@ def render_html(run, *, data: dict | None = None, depth: int | None = None) -> s
     title = f"freezeframe · {summary['run']['path']}"
     nav = ['<a href="#answers">Answers</a>'] + [f'<a href="#{n}">{SECTIONS[n][0]}</a>' for n in figs]
     sections = [f'<section id="answers"><h2>The three questions, answered from this run</h2>{answers_html(summary)}'
-                f'<h3>Stages</h3>{stages_table(summary)}{findings_html(summary["findings"])}</section>']
+                f'<h3>Stages</h3>{stages_table(summary)}{adapters_html(adapters_table(summary))}'
+                f'{findings_html(summary["findings"])}</section>']
     for name in figs:
         heading, how = SECTIONS[name]
         sections.append(f'<section id="{name}"><h2>{heading}</h2><p class=how>{e(how)}</p>'
