@@ -370,7 +370,8 @@ def test_the_callback_pickles_without_its_recorder(tmp_path):
 
 
 def test_import_freezeframe_imports_no_framework():
-    code = "import sys, freezeframe; print(sorted(m for m in ('fastai', 'fastcore', 'lightning') if m in sys.modules))"
+    frameworks = ('fastai', 'fastcore', 'lightning', 'transformers', 'peft', 'trl')
+    code = f"import sys, freezeframe; print(sorted(m for m in {frameworks!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
