@@ -39,11 +39,13 @@ test: venv browser
 demo: venv
 	$(VENV)/bin/freezeframe demo
 
-# The overhead of watching (freezeframe and its peers) and the report's cost at scale; both
-# write their tables into docs/benchmarks.md. Not part of `make test`.
+# The overhead of watching (freezeframe and its peers), the report's cost at scale, and the
+# memory/disk a watched large model costs; each writes its tables into docs/benchmarks.md.
+# Not part of `make test`.
 bench: venv
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/report_scaling.py
+	$(PY) benchmarks/cost_scale.py
 
 soak: venv
 	HF_HUB_OFFLINE=1 FREEZEFRAME_SOAK=1 $(PY) -m pytest tests/soak -q -s

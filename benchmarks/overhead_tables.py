@@ -8,8 +8,10 @@ from pathlib import Path
 
 MiB = 1024 * 1024
 
-# Another script (benchmarks/report_scaling.py) owns this block of docs/benchmarks.md: kept verbatim.
-KEEP_BEGIN, KEEP_END = "<!-- report-scaling:begin -->", "<!-- report-scaling:end -->"
+# Other scripts own these blocks of docs/benchmarks.md (benchmarks/report_scaling.py,
+# benchmarks/cost_scale.py): kept verbatim.
+KEEP = [("<!-- report-scaling:begin -->", "<!-- report-scaling:end -->"),
+        ("<!-- cost-scale:begin -->", "<!-- cost-scale:end -->")]
 
 # Columns of the side-by-side table: instrument family → how its rows are named.
 FAMILIES = ["freezeframe", "floor", "wandb.watch", "TensorBoard"]
@@ -264,11 +266,13 @@ NOTES = """\
 
 
 def keep_block(path: Path) -> str | None:
-    """The report-scaling block of the existing file (markers included), verbatim, or None."""
+    """The other scripts' blocks of the existing file (markers included), verbatim, or None."""
     if not path.exists():
         return None
-    m = re.search(re.escape(KEEP_BEGIN) + r".*?" + re.escape(KEEP_END), path.read_text(), re.S)
-    return m.group(0) if m else None
+    text = path.read_text()
+    found = [m.group(0) for begin, end in KEEP
+             if (m := re.search(re.escape(begin) + r".*?" + re.escape(end), text, re.S))]
+    return "\n\n".join(found) or None
 
 
 def write_markdown(path: Path, results: list[dict], meta: dict, absent: dict[str, str] | None = None) -> None:
