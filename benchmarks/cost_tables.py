@@ -150,8 +150,14 @@ dtype does not matter); the 7B figure is 14 GB divided by that rate, for one pas
 
 def update_docs(path: Path, block: str) -> None:
     """Replace this benchmark's block of `path` (between BEGIN and END), or append it."""
+    replace_block(path, block, BEGIN, END)
+
+
+def replace_block(path: Path, block: str, begin: str, end: str) -> None:
+    """Replace the block of `path` between the markers `begin` and `end` (shared by the
+    benchmarks that write into docs/benchmarks.md), or append it."""
     text = path.read_text() if path.exists() else ""
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text, count=1)
     else:

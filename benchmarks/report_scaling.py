@@ -691,14 +691,9 @@ def markdown_block(results: list[dict], meta: dict) -> str:
 
 
 def update_docs(path: Path, block: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    from cost_tables import replace_block  # benchmarks/ is on sys.path when a script of it runs
+
+    replace_block(path, block, BEGIN, END)
 
 
 def machine() -> dict:
