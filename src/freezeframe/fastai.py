@@ -7,7 +7,7 @@ from fastai.callback.core import Callback  # importing freezeframe.fastai import
 from .integrations.adapter import SessionCallback, StageSession
 from .integrations.events import guarded_event
 from .integrations.fastai_facts import Call, fit_call, nominal_peaks
-from .integrations.fastai_fits import Fit, FitState
+from .integrations.fastai_fits import Fit, FitState, epoch_values, recorded_epochs
 
 __all__ = ["FreezeFrame"]
 
@@ -92,11 +92,19 @@ class FreezeFrame(SessionCallback, Callback):
             # Not recognised as Learner.fit from the stack (a subclass, a future fastai), but it trains.
             self._open_stage(fit, fit_call(self.learn))
             self._session.epoch()  # this epoch's before_epoch came before the stage
+            self._ff.epochs_before = recorded_epochs(self.learn)
 
     @guarded_event
     def before_epoch(self):
         if self._ff.training() is not None:
             self._session.epoch()  # the stage states the epochs it ran (docs/fastai.md)
+            self._ff.epochs_before = recorded_epochs(self.learn)
+
+    @guarded_event
+    def after_epoch(self):
+        if self._ff.training() is not None:
+            # after fastai's Recorder (order 50) appended this epoch's values (docs/fastai.md)
+            self._session.log_epoch(**epoch_values(self.learn, self._ff.epochs_before))
 
     @guarded_event
     def before_batch(self):

@@ -34,6 +34,8 @@ class FreezeFrame(SessionCallback, Callback):
         self._session = StageSession(run_dir, framework="lightning", label="Lightning", every=every,
                                      mode=mode, options=options)  # refused now, not at the first fit
         self._steps_at_batch_start = 0
+        self._valid_values: dict = {}   # the epoch-level metrics of this epoch's validation
+        self._late: dict | None = None  # callback_metrics as this callback's on_train_epoch_end saw them
 
     @property
     def recorder(self):
@@ -58,9 +60,24 @@ class FreezeFrame(SessionCallback, Callback):
 
     @guarded_event
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._log_late(trainer)  # the previous epoch's values logged after this callback's epoch end
         # The next applied step begins an epoch: each stage (a part of the fit after an unfreeze
         # included) states the epochs it ran (docs/lightning.md).
         self._session.epoch()
+
+    @guarded_event
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self.recorder is not None and not trainer.sanity_checking:
+            self._valid_values.update(_epoch_metrics(trainer, _results(trainer, "val_loop")))
+
+    @guarded_event
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # The epoch's training aggregates (self.log(..., on_epoch=True)) and its validation's
+        # metrics, under the names they were logged with (docs/lightning.md).
+        rec, valid, self._valid_values = self.recorder, self._valid_values, {}
+        if rec is not None:
+            rec.log_epoch(**{**_epoch_metrics(trainer, _results(trainer)), **valid})
+            self._late = dict(trainer.callback_metrics)
 
     @guarded_event
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -87,11 +104,59 @@ class FreezeFrame(SessionCallback, Callback):
     def teardown(self, trainer, pl_module, stage) -> None:
         # After every on_fit_end (callbacks' and the LightningModule's): the model as fit returns it.
         if getattr(stage, "value", stage) == "fit":
+            self._log_late(trainer)
             self._session.end(close=True)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         """A fit ended by an exception (or Ctrl-C): keep what was recorded, marked incomplete."""
         self._session.close(complete=False)
+
+    def _log_late(self, trainer) -> None:
+        """Values the LightningModule's own on_train_epoch_end logged (it runs after this
+        callback's): those whose value is new since this callback's epoch end."""
+        before, self._late = self._late, None
+        rec = self.recorder
+        if rec is None or before is None:
+            return
+        now = trainer.callback_metrics
+        late = {k: v for k, v in _epoch_metrics(trainer, _results(trainer), fresh=False,
+                                                fx="on_train_epoch_end").items() if now.get(k) is not before.get(k)}
+        if late:
+            rec.log_epoch(**late)
+
+
+def _results(trainer, loop: str | None = None):
+    """The result collection of the fit's training loop (or its `val_loop`): what Lightning
+    knows of each logged name (on_epoch, the hook that logged it). None where a Lightning
+    version keeps it elsewhere: then no epoch values are recorded, and nothing else changes."""
+    epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    owner = getattr(epoch_loop, loop, None) if loop else epoch_loop
+    results = getattr(owner, "_results", None)
+    return results if callable(getattr(results, "values", None)) else None
+
+
+def _epoch_metrics(trainer, results, *, fresh: bool = True, fx: str | None = None) -> dict:
+    """The values in `trainer.callback_metrics` of the epoch-level metrics (`on_epoch=True`) a
+    loop's result collection holds, by the name they were logged with (and Lightning's
+    `/dataloader_idx_N` suffix); `fresh`: only those logged since the collection's last reset;
+    `fx`: only those logged in that hook."""
+    if results is None:
+        return {}
+    callback = trainer.callback_metrics
+    out = {}
+    suffix = getattr(results, "DATALOADER_SUFFIX", "/dataloader_idx_{}")
+    for metric in list(results.values()):
+        meta = getattr(metric, "meta", None)
+        if not getattr(meta, "on_epoch", False) or (fresh and getattr(metric, "has_reset", False)) \
+                or (fx is not None and getattr(meta, "fx", None) != fx):
+            continue
+        name = meta.name
+        if getattr(meta, "add_dataloader_idx", False) and getattr(meta, "dataloader_idx", None) is not None:
+            name += suffix.format(meta.dataloader_idx)
+        value = callback.get(name)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[name] = value
+    return out
 
 
 def _versions(trainer) -> dict:

@@ -83,6 +83,9 @@ class FreezeFrame(TrainerCallback):
         if rec is not None and loss is not None:
             # the mean training loss since the previous log (logging_steps), on the last step
             rec.log(loss=loss)
+        # the epoch's values: the last of each name logged in it (an evaluation at the epoch's
+        # end comes after on_epoch_end, before the next epoch begins: docs/transformers.md)
+        self._session.log_epoch(**hf_facts.epoch_values(logs))
 
     @guarded_event
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
@@ -90,6 +93,7 @@ class FreezeFrame(TrainerCallback):
         values = hf_facts.scalars(metrics)
         if rec is not None and values:
             rec.log(**values)  # the Trainer's own names (eval_loss, ...) on the last applied step
+        self._session.log_epoch(**hf_facts.epoch_values(metrics))
 
     @guarded_event
     def on_train_end(self, args, state, control, **kwargs):

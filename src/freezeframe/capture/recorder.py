@@ -31,6 +31,7 @@ from .growth import ModelChanges, adopt_order
 from .modelmap import add_optimizer_only, build_model_map
 from ..store.indexspace import stored_list, stored_tensor_index
 from .passes import PassHooks
+from .layerorder import LayerOrder
 from .optim import OptimizerView, as_view, build_layout, unwrap_optimizer
 from .logvalues import describe as _describe, scalar as _scalar
 from .sampling import Sampler
@@ -153,6 +154,7 @@ class Recorder(ModelChanges):
         if manifest.get("framework") not in (None, self.options.framework):
             log.info("freezeframe: appending %s stages to a %s run", self.options.framework, manifest["framework"])
         self._created = manifest.get("created", self._created)
+        self._first_order = stored_model.get("forward_order")  # kept by every later session
         self._stages = [StageRecord.from_json(s) for s in manifest.get("stages", [])]
         self._sessions = list(manifest.get("sessions", []))
         from ..store.reader import read_run  # the steps on disk may be ahead of the manifest
@@ -208,6 +210,8 @@ class Recorder(ModelChanges):
                                              _weak(self._hook_skipped)))
         self._passes = PassHooks(self.model, _weak(self._hook_forward_pre), _weak(self._hook_forward_post), _weak)
         self._handles.append(self._passes)  # removed with the others (PassHooks.remove)
+        self._order = LayerOrder(self.model, _weak(self._hook_layer), getattr(self, "_first_order", None))
+        self._handles.append(self._order)  # removed at the first applied step, or with the others
         self._hook_new_trainable()
 
     def _hook_new_trainable(self) -> None:
@@ -307,6 +311,9 @@ class Recorder(ModelChanges):
     def _hook_forward_post(self):
         self._guard("the forward hook", self._forward_post, grad_off=False)
 
+    def _hook_layer(self, fn, *args):
+        self._guard("the forward-order hook", fn, *args, grad_off=False)
+
     # ------------------------------------------------------------------ forward passes
     def _forward_pre(self, module, grad_enabled: bool, count: bool = True) -> None:
         """A pass begins (`count`: it is one to count; see capture/passes.py)."""
@@ -317,6 +324,7 @@ class Recorder(ModelChanges):
             self._hook_new_trainable()
         if not count:
             return
+        self._order.pass_begins()  # the forward order counts a pass's calls once one has autograd on
         if module.training:
             if self._count_forwards:
                 self._pending_train_fwd += 1
@@ -419,6 +427,7 @@ class Recorder(ModelChanges):
         stage.forward_passes["train"] += self._pending_train_fwd
         self._pending_train_fwd = 0
         self._passes.after_step()
+        self._order.after_step()  # the first applied step ends the forward-order hooks
         self._step += 1
         self._bounds.after_step()  # versions prove what is not written after this step
         flush_s = 0.0
@@ -479,7 +488,9 @@ class Recorder(ModelChanges):
             "ref_norms": [_finite(x) for x in stored_list(self._ref_norms, self._p0, self._P, self._B)],
             "reference_hashes": getattr(self, "_reference_hashes", None),
             **(self._refs.manifest_fields(self._p0, self._P, self._B) if hasattr(self, "_refs") else {}),
-            "signature": self.map.signature(), "model": self.map.to_json(),
+            "signature": self.map.signature(),
+            "model": {**self.map.to_json(), "forward_order": getattr(getattr(self, "_order", None), "order",
+                                                                   getattr(self, "_first_order", None))},
             "sessions": self._sessions, "stages": [s.to_json() for s in self._stages],
             "error": getattr(self, "_error", None),
         }
@@ -569,16 +580,37 @@ class Recorder(ModelChanges):
         self._guard("log()", self._log, scalars)
 
     def _log(self, scalars: dict) -> None:
+        for name, number in self._numbers("log", scalars):
+            self._cols.add_scalar(self._step - 1, name, number)
+
+    def log_epoch(self, **scalars) -> None:
+        """Attach scalars (e.g. train_loss=..., valid_loss=..., accuracy=...) to the epoch begun
+        last (`epoch()`): the stage's `epoch_metrics`; a second call for one epoch merges."""
+        if not (self._dead or self._closed):
+            self._guard("log_epoch()", self._log_epoch, scalars)
+
+    def _log_epoch(self, scalars: dict) -> None:
+        values = {}
+        for name, x in self._numbers("log_epoch", scalars):  # a loop, not a comprehension: the warning's stack
+            values[name] = x if np.isfinite(x) else None  # non-finite: null (docs/recording.md)
+        if values and not self._book.log_epoch(values) and "log_epoch" not in self._warned:
+            self._warned.add("log_epoch")
+            warnings.warn("freezeframe: rec.log_epoch() came with no epoch under way that applied a step (call "
+                          "rec.epoch() at the start of each epoch); those values are not recorded", RuntimeWarning,
+                          stacklevel=4)
+
+    def _numbers(self, call: str, scalars: dict):
+        """(name, float) of each real number; any other value is skipped, with one warning per key and type."""
         for name, value in scalars.items():
             number = _scalar(value)
-            if number is None:  # that one value is skipped, with one warning per key and type
+            if number is None:
                 what = _describe(value)
-                if ("log", name, what) not in self._warned:
-                    self._warned.add(("log", name, what))
-                    warnings.warn(f"freezeframe: rec.log({name}=...) got {what}, not a real number; that value is "
-                                  "not recorded (recording goes on)", RuntimeWarning, stacklevel=4)
+                if (call, name, what) not in self._warned:
+                    self._warned.add((call, name, what))
+                    warnings.warn(f"freezeframe: rec.{call}({name}=...) got {what}, not a real number; that value "
+                                  "is not recorded (recording goes on)", RuntimeWarning, stacklevel=5)
                 continue
-            self._cols.add_scalar(self._step - 1, str(name), number)
+            yield str(name), number
 
     # -- for integrations whose optimizer has no torch step hooks (fastai): they call these ----
     def step_begin(self, optimizer: int = 0) -> None:

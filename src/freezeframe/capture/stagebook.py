@@ -10,7 +10,7 @@ from ..store.indexspace import reader_list, stored_list
 from . import metrics
 from .boundaries import BoundaryTracker
 from .optim import GroupLayout, OptimizerView
-from .stages import StageRecord, judge_continuity, previous_for_continuity
+from .stages import StageRecord, judge_continuity, optimizer_token, previous_for_continuity
 
 
 class StageBook:
@@ -67,6 +67,7 @@ class StageBook:
             start_hashes=self.stored(self.bounds.start(now_p)), grad_steps=np.zeros(len(self.params), dtype=np.int64),
             lr_nominal=[None] * len(layout.groups), meta=meta, epochs_planned=epochs,
             optimizer_state_start=[v.state_count() for v in self.views],
+            optimizer_tokens=[optimizer_token(v) for v in self.views],
             skipped_steps=self._skips_before if self.skips_known else None,
         )
         self._skips_before = 0
@@ -107,10 +108,21 @@ class StageBook:
         """An epoch begins now: the next applied step is its first."""
         self.epoch_open = self.epoch_pending = True
 
+    def log_epoch(self, values: dict) -> bool:
+        """Scalars of the epoch begun last, merged into its entry of the current stage's
+        `epoch_metrics`. False when no epoch under way has applied a step in it."""
+        st = self.current
+        if st is None or not self.epoch_open or self.epoch_pending or not st.epoch_starts:
+            return False
+        st.note_epoch_values(values)
+        return True
+
     def note_applied(self, stage: StageRecord, step: int) -> None:
         """Step `step` is about to count as applied in `stage`: the first of an epoch when one
         was just announced, or the stage's first step inside an epoch already under way (a stage
         split inside an epoch counts that epoch in each part that applied steps in it)."""
+        if stage.steps == 0 and self.epoch_open:  # docs/recording.md, "first_epoch_continued"
+            stage.first_epoch_continued = not self.epoch_pending
         if self.epoch_pending or (self.epoch_open and stage.steps == 0):
             stage.note_epoch_start(step)
             self.epoch_pending = False

@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+import uuid
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
+
+# optimizer object -> its token: the same object keeps one token for as long as it lives
+_TOKENS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def optimizer_token(view) -> str | None:
+    """A token naming the optimizer object behind an optimizer view (fastai's: `learn.opt` now),
+    the same for as long as that object lives in this process and new for another object (a
+    Lightning fit's `configure_optimizers`, fastai's `reset_opt=True`); None when it cannot be
+    told (docs/recording.md, "optimizer_tokens")."""
+    try:
+        opt = getattr(view, "opt", None)
+        if opt is None:
+            return None
+        token = _TOKENS.get(opt)
+        if token is None:
+            token = _TOKENS[opt] = uuid.uuid4().hex[:16]
+        return token
+    except Exception:  # noqa: BLE001 - an object that takes no weak reference: not told
+        return None
 
 
 @dataclass
@@ -24,7 +46,9 @@ class StageRecord:
     complete: bool = False
     epochs: int | None = None      # epochs the stage applied steps in (len(epoch_starts)), null if none announced
     epoch_starts: list | None = None  # step at which each of its epochs began (see Recorder.epoch)
+    epoch_metrics: list | None = None  # per entry of epoch_starts: {name: float | None} (Recorder.log_epoch) or None
     epochs_planned: int | None = None  # the count an integration planned (begin_stage(epochs=N))
+    first_epoch_continued: bool | None = None  # its first epoch began in the stage before (split inside it)
     forward_passes: dict = field(default_factory=lambda: {"train": 0, "eval": 0})
     lr_nominal: list = field(default_factory=list)   # per group: the peak the schedule states
     lr_nominal_floor: list = field(default_factory=list)  # per group: that schedule's lowest lr, if stale-prone
@@ -39,6 +63,7 @@ class StageRecord:
     meta: dict = field(default_factory=dict)          # framework facts, as given
     optimizer_state_start: list = field(default_factory=list)  # per optimizer: tensors with state
     optimizer_state_end: list | None = None
+    optimizer_tokens: list | None = None  # per optimizer: optimizer_token() at the stage's first step
     outside_writes: list = field(default_factory=list)    # tensors written outside an optimizer step
     model_changes: dict | None = None                     # the model's tensor set changed before this stage
     shared_between_optimizers: list = field(default_factory=list)  # names stepped by several optimizers
@@ -50,7 +75,16 @@ class StageRecord:
             self.epoch_starts = []
         if not self.epoch_starts or self.epoch_starts[-1] != step:
             self.epoch_starts.append(step)
+            if self.epoch_metrics is not None:  # kept aligned with epoch_starts
+                self.epoch_metrics.append(None)
         self.epochs = len(self.epoch_starts)
+
+    def note_epoch_values(self, values: dict) -> None:
+        """Scalars of the stage's last epoch (later values of a name win)."""
+        em = self.epoch_metrics or []
+        em += [None] * (len(self.epoch_starts) - len(em))
+        em[-1] = {**(em[-1] or {}), **values}
+        self.epoch_metrics = em
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)

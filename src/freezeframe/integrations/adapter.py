@@ -3,6 +3,7 @@ translates its framework's events into these calls and keeps only what its frame
 
     training begins  -> StageSession.open(model, optimizers, versions=...) then .begin(name, ...)
     an epoch begins  -> .epoch()
+    an epoch's values -> .log_epoch(**scalars)
     a step           -> the optimizer's own step hooks (or Recorder.step_begin/step_end)
     training ends    -> .end(close=...)
     an unfreeze      -> nothing: a change of the trainable set inside a stage starts "<name> (part 2)"
@@ -72,6 +73,12 @@ class StageSession:
         """A training epoch begins: the stage states the epochs it ran (docs/recording.md)."""
         if self.recorder is not None:
             self.recorder.epoch()
+
+    def log_epoch(self, **scalars) -> None:
+        """Scalars of the epoch begun last (train_loss, valid_loss, metrics): the stage's
+        `epoch_metrics` (docs/recording.md)."""
+        if self.recorder is not None:
+            self.recorder.log_epoch(**scalars)
 
     def end(self, *, close: bool, observed: bool = True) -> None:
         """The training call ended: its end state is hashed now; then the session closes

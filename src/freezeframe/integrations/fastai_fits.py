@@ -74,6 +74,7 @@ class FitState:
     last_opt: object = None      # learn.opt and its hypers at the end of the last training fit
     last_hypers: object = None
     last_method: str | None = None  # the Learner method of this callback's last training fit
+    epochs_before: int = 0       # len(learn.recorder.values) when the current epoch began
 
     @property
     def rec(self):
@@ -181,6 +182,37 @@ class FitState:
         fastai optimizer with new hypers."""
         return (self.last_opt is not None and learn.opt is self.last_opt
                 and is_fastai_optimizer(learn.opt) and learn.opt.hypers is not self.last_hypers)
+
+
+def recorded_epochs(learn) -> int:
+    """How many epochs' values fastai's Recorder holds (`learn.recorder.values`)."""
+    return len(getattr(getattr(learn, "recorder", None), "values", None) or [])
+
+
+def epoch_values(learn, before: int) -> dict:
+    """The values fastai's Recorder appended for the epoch that just ended (its after_epoch,
+    order 50, ran before the callback's): `learn.recorder.values[-1]` under the Recorder's own
+    names (`metric_names` without `epoch` and `time`: train_loss, valid_loss, each metric);
+    nothing when it appended none since `before` (`recorded_epochs` at the epoch's start). An
+    epoch whose training or validation was cancelled (CancelTrainException,
+    CancelValidException) has only the other half's values: they keep their own names. A value
+    the Recorder left empty (no validation set) is left out, and so is every value of a row
+    whose length matches no reading of the names."""
+    if recorded_epochs(learn) <= before:
+        return {}
+    recorder = learn.recorder
+    row = list(recorder.values[-1])
+    names = [str(n) for n in getattr(recorder, "metric_names", []) if n not in ("epoch", "time")]
+    # the Recorder's layout (fastai.learner.Recorder): the training half (the smoothed loss, and
+    # the metrics with train_metrics), then the validation half (the loss and the metrics)
+    metrics = len(getattr(recorder, "metrics", None) or [])
+    n_train = 1 + (metrics if getattr(recorder, "train_metrics", False) else 0)
+    n_valid = 1 + metrics if getattr(recorder, "valid_metrics", True) else 0
+    labels = ([] if getattr(recorder, "cancel_train", False) else names[:n_train]) + \
+             ([] if getattr(recorder, "cancel_valid", False) else names[n_train:n_train + n_valid])
+    if len(labels) != len(row):
+        return {}
+    return {n: v for n, v in zip(labels, row) if v is not None}
 
 
 def is_fastai_optimizer(opt) -> bool:

@@ -124,3 +124,13 @@ def scalars(values: dict | None) -> dict:
             continue
         out[str(k)] = v
     return out
+
+
+def epoch_values(logs: dict | None) -> dict:
+    """The values of a Trainer's log or evaluation for the epoch under way, under the Trainer's
+    own names (loss, grad_norm, learning_rate, eval_loss, ...): its `epoch` (a fraction, the
+    position in training) is left out, and so is the whole summary train() logs when it ends
+    (train_runtime, train_loss over every epoch: not one epoch's)."""
+    if logs and "train_runtime" in logs:
+        return {}
+    return {k: v for k, v in scalars(logs).items() if k != "epoch"}

@@ -193,7 +193,10 @@ STAGE = Obj({
     "first_step": _nullable(Int()), "last_step": _nullable(Int()), "steps": Int(min=0),
     "skipped_steps": _nullable(Int(min=0)), "complete": Bool(),
     "epochs": _nullable(Int(min=0)), "epoch_starts": _nullable(List(Int())),
-    "epochs_planned": _nullable(Int(min=0)),
+    "epochs_planned": _nullable(Int(min=0)), "first_epoch_continued": _nullable(Bool()),
+    "optimizer_tokens": _nullable(List(_nullable(Str()))),
+    # per entry of epoch_starts: {name: value} given by Recorder.log_epoch, or null (checked below)
+    "epoch_metrics": _nullable(List(_nullable(Obj(values=_nullable(Num()))))),
     "forward_passes": _nullable(Obj({"train": _nullable(Int(min=0)), "eval": _nullable(Int(min=0))})),
     "trainable": _nullable(List(Int(index="params"))),
     "groups": _nullable(List(GROUP)),
@@ -223,7 +226,8 @@ PEFT = Obj({"type": _nullable(Str()), "r": _nullable(Num()), "lora_alpha": _null
             "adapters": NAMES, "active": _nullable(NAMES)})
 MODEL = Obj({"params!": List(PARAM, min_len=1), "buffers!": List(BUFFER), "modules!": List(MODULE),
              "buffers_at": Int(min=1),  # P0, at most the number of parameters (checked below)
-             "peft": _nullable(PEFT)})
+             "peft": _nullable(PEFT),
+             "forward_order": _nullable(List(Str()))})  # module names (checked below)
 MANIFEST = Obj({  # the model map first: every index and per-tensor list is checked against it
     "schema!": Str(), "schema_version!": Int(min=1), "model!": MODEL, "framework": _nullable(Str()),
     "created": _nullable(Num()), "complete": Bool(), "steps_total": _nullable(Int(min=0)),
@@ -263,10 +267,18 @@ def check_manifest(where: str, manifest: dict) -> None:
         at = manifest["model"].get("buffers_at", ctx["params"])
         if at > ctx["params"]:
             raise Invalid("model.buffers_at", f"an integer from 1 to {ctx['params']} (the number of parameters)", at)
+        names = {m["name"] for m in manifest["model"]["modules"]}
+        for i, name in enumerate(manifest["model"].get("forward_order") or []):
+            if name not in names:
+                raise Invalid(f"model.forward_order[{i}]", "the name of a module of the model map", name)
         seen = set()
         for i, s in enumerate(manifest.get("stages") or []):
             if s["index"] in seen:
                 raise Invalid(f"stages[{i}].index", "an index no other stage has", s["index"])
             seen.add(s["index"])
+            em, starts = s.get("epoch_metrics"), s.get("epoch_starts")
+            if em is not None and len(em) != len(starts or []):
+                raise Invalid(f"stages[{i}].epoch_metrics", f"a list of one entry per epoch_starts entry "
+                                                            f"({len(starts or [])})", Count(len(em)))
     except Invalid as e:
         raise RunError(f"{where} is damaged: {e.path} must be {e.expected}, got {_show(e.got)}") from None
