@@ -4,6 +4,8 @@ none, the sentence says so and why."""
 
 from __future__ import annotations
 
+from .answers_epochs import bn_statistics, ran, trained_layers
+
 
 def _n(x: int) -> str:
     return f"{x:,}"
@@ -20,12 +22,6 @@ def _plural(n: int, word: str) -> str:
 def _label(s: dict) -> str:
     plain = f"stage {s['index']}"
     return plain if s["name"] == plain else f"{plain} ({s['name']})"
-
-
-def ran(s: dict) -> str:
-    """What a stage ran: "1 epoch = 15 optimizer steps" when its epochs are known."""
-    steps = _plural(s["steps"], "optimizer step")
-    return f"{_plural(s['epochs'], 'epoch')} = {steps}" if s.get("epochs") else steps
 
 
 def answers(summary: dict) -> list[dict]:
@@ -131,6 +127,7 @@ def _updates(summary: dict, s: dict) -> str:
     elif frozen_same:
         out.append(f"{_plural(len(frozen_same), 'other frozen tensor')} "
                    f"({_n(sum(p['numel'] for p in frozen_same))} parameters) have unchanged bytes.")
+    out.extend(x for x in (trained_layers(summary, s, k), bn_statistics(summary, s, k)) if x)
     out.extend(_outside_writes(s, see("changed-outside-optimizer")))
     return " ".join(out)
 

@@ -7,7 +7,9 @@ import math
 import numpy as np
 
 from ..store.reader import StoredRun
+from .layers import build_layers
 from .tables import StepView, per_stage_tensor, step_view
+from .transitions import attach as attach_transitions
 
 SCHEMA = "freezeframe.summary/1"
 
@@ -93,7 +95,24 @@ def _epochs(s: dict) -> dict:
     starts = s.get("epoch_starts")
     starts = [int(x) for x in starts] if isinstance(starts, list) else None
     epochs = len(starts) if starts is not None else s.get("epochs")
-    return {"epochs": epochs, "epoch_starts": starts, "epochs_planned": s.get("epochs_planned")}
+    cont = s.get("first_epoch_continued")
+    return {"epochs": epochs, "epoch_starts": starts, "epochs_planned": s.get("epochs_planned"),
+            "first_epoch_continued": cont if starts and isinstance(cont, bool) else None}
+
+
+def _last_epochs_partial(out_stages: list[dict], run_complete: bool) -> None:
+    """Each stage's `last_epoch_partial`: true when its last epoch goes on in the next stage (a
+    split inside the epoch), false when it ended in the stage; null when no epoch was announced,
+    when the run did not finish in this stage (its last epoch may be cut short) or an older run
+    does not say (docs/summary-format.md)."""
+    for k, s in enumerate(out_stages):
+        nxt = out_stages[k + 1] if k + 1 < len(out_stages) else None
+        if not s.get("epoch_starts") or (nxt is None and not run_complete):
+            s["last_epoch_partial"] = None
+        elif nxt is None:
+            s["last_epoch_partial"] = False
+        else:
+            s["last_epoch_partial"] = nxt.get("first_epoch_continued") if nxt.get("epoch_starts") else False
 
 
 def _same_as_start(reference_hashes: list | None, s: dict, i: int) -> bool | None:
@@ -233,6 +252,9 @@ def build_summary(run: StoredRun) -> dict:
         "modules": out_modules,
         "buffers": out_buffers,
     }
+    _last_epochs_partial(out_stages, summary["run"]["complete"])
+    summary["layers"], summary["run"]["layer_counts"] = build_layers(m["model"], out_params, out_stages)
+    attach_transitions(summary, stages)  # stages[].epoch_metrics, stages[].initial_state, transitions
     from .findings import find
 
     summary["findings"] = find(summary, view)

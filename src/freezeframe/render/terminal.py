@@ -104,10 +104,35 @@ def stages_table(summary: dict) -> Table:
             cont = Text(f"NO: {len(s['changed_since_previous_end'])} tensors differ ({s['continuity']})", style="bold red")
         name = _t(s["name"]) + (Text(" [trial]", style="dim") if s["kind"] == "trial" else Text(""))
         lrs = _t(" / ".join(f"{g['name']} {_lr(g['lr_max'])}" for g in s["groups"]) or "—")
-        table.add_row(str(s["index"]), name, str(s["steps"]), f"{fp.get('train')}/{fp.get('eval')}",
+        steps = f"{s['steps']}" + (f"\n{s['epochs']} epoch{'' if s['epochs'] == 1 else 's'}" if s.get("epochs") else "")
+        table.add_row(str(s["index"]), name, steps, f"{fp.get('train')}/{fp.get('eval')}",
                       f"{s['tensors_trainable']}/{summary['run']['tensors_total']} tensors\n{s['params_trainable']:,} params",
                       lrs, cont)
     return table
+
+
+def between_fits(summary: dict) -> Text | None:
+    """One line per transition (docs/summary-format.md, "transitions[]"), after how the first
+    training stage started; None when the run has neither."""
+    lines = []
+    first = next((s for s in summary["stages"] if s.get("initial_state")), None)
+    if first is not None:
+        init = first["initial_state"]
+        line = (f"Stage {first['index']} starts with {len(init['frozen'])} tensors frozen, "
+                f"{len(init['trainable'])} trainable")
+        lines.append(line + (f": {init['note']}" if init.get("note") else ""))
+    for t in summary.get("transitions") or []:
+        kept = {True: "values kept bitwise", False: f"{len(t['values_changed'])} tensors' values differ",
+                None: "values unknown"}[t["values_kept"]]
+        reset = ", its state reset" if t.get("optimizer_state_reset") else ""
+        lrs = ", ".join(f"{g['name']} {_lr(g['lr_before'])}→{_lr(g['lr_after'])}" for g in t["groups"])
+        what = t["event"] if t.get("event") is not None else "what trains is not known"  # a recovered stage
+        lines.append(f"Before stage {t['stage']} (after stage {t['from_stage']}): {what}; "
+                     f"{len(t['became_trainable'])} tensors became trainable, {len(t['became_frozen'])} frozen; "
+                     f"{kept}; optimizer {t['optimizer']}{reset}" + (f"; lr {lrs}" if lrs else ""))
+    if not lines:
+        return None
+    return Text("Between the fits:\n" + "\n".join(f"  {safe(x)}" for x in lines) + "\n")
 
 
 def _cell(entry: dict) -> Text:
@@ -165,8 +190,9 @@ def findings_renderable(findings: list[dict]):
 
 
 def run_renderable(summary: dict, *, depth: int | None = None) -> Group:
-    return Group(header(summary), stages_table(summary), freeze_map(summary, depth=depth),
-                 answers_panel(summary), findings_renderable(summary["findings"]))
+    between = between_fits(summary)
+    return Group(header(summary), stages_table(summary), *([between] if between else []),
+                 freeze_map(summary, depth=depth), answers_panel(summary), findings_renderable(summary["findings"]))
 
 
 def diff_renderable(diff: dict, a: str, b: str) -> Group:
