@@ -50,3 +50,32 @@ def freezeframe_exe() -> str:
     exe = Path(sys.executable).parent / "freezeframe"
     assert exe.exists(), f"console script not installed next to {sys.executable}"
     return str(exe)
+
+
+# -- the headless browser of the report tests: Debian's Chromium driven by Playwright (never
+#    `playwright install`); under CI a missing browser fails the tests instead of skipping them
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _browser_unavailable(reason: str):
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"browser tests cannot run under CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        _browser_unavailable(f"{CHROMIUM} is missing (Debian package 'chromium'; `make browser` installs it as root)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _browser_unavailable("the playwright Python package is not installed")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()

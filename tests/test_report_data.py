@@ -125,6 +125,15 @@ def traces(fig: dict, type_: str) -> list[dict]:
     return [t for t in fig["data"] if t["type"] == type_]
 
 
+def row_modules(fig: dict, rows: list[dict]) -> list[str]:
+    """The module of each y row of a figure. The y values are the readable labels, the same text
+    on the axis and in every hover (never `head.0` in one and `head[0]` in the other)."""
+    axis = fig["layout"]["yaxis"]
+    assert axis["ticktext"] == axis["tickvals"]
+    assert [html_lib.unescape(v) for v in axis["tickvals"]] == [r["label"] for r in rows]
+    return [r["name"] for r in rows]
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("report") / "run"
@@ -183,8 +192,7 @@ def test_update_heatmap_equals_naive_recomputation(demo):
             key = (module_of[row["name"]], row["step"])
             upd[key] += row["update_norm"] ** 2
             par[key] += row["param_norm"] ** 2
-    names = [html_lib.unescape(v) for v in fig["layout"]["yaxis"]["tickvals"]]
-    assert names == [r["name"] for r in hm["rows"]]
+    names = row_modules(fig, hm["rows"])
     checked = 0
     for t in traces(fig, "heatmap"):
         if "meta" not in t:
@@ -203,7 +211,8 @@ def test_update_heatmap_equals_naive_recomputation(demo):
 
 def test_frozen_cells_are_distinct_from_small_values(demo):
     fig = demo["data"]["figures"]["heatmap"]
-    names = [html_lib.unescape(v) for v in fig["layout"]["yaxis"]["tickvals"]]
+    run = demo["run"]
+    names = row_modules(fig, figures.update_heatmap(run.summary(), run._stored.steps, run._stored.tensors)["rows"])
     stage0 = next(t for t in traces(fig, "heatmap") if t.get("meta") == {"stage": 0})
     z = decode(stage0["z"])
     conv = names.index("body.0")   # frozen in stage 0; its BatchNorm trains ("partial" block)
@@ -218,7 +227,7 @@ def test_drift_equals_summary_and_the_reference(demo):
     run, model = demo["run"], demo["model"]
     summary = run.summary()
     fig = demo["data"]["figures"]["drift"]
-    names = [html_lib.unescape(v) for v in fig["layout"]["yaxis"]["tickvals"]]
+    names = row_modules(fig, figures.freeze_map(summary)["rows"])
     depth = figures.freeze_map(summary)["depth"]
     rows = {r["name"]: r for r in rollup(summary, depth)}
     ref = run.reference()
@@ -249,20 +258,25 @@ def test_freeze_map_states_match_the_summary(demo):
             assert fm["state"][r][k] == word[mods[row["name"]]["stages"][k]["trainable"]]
     fig = demo["data"]["figures"]["freeze_map"]
     z = fig["data"][0]["z"]
-    conv = [html_lib.unescape(v) for v in fig["layout"]["yaxis"]["tickvals"]].index("body.0")
+    conv = row_modules(fig, fm["rows"]).index("body.0")
     assert 0 <= z[conv][0] < 1 and 2 <= z[conv][1] < 3     # frozen band, then trainable band
-    assert fm["text"][conv][0] == "frozen ="                 # bitwise unchanged while frozen
+    assert fm["text"][conv][0] == "frozen, unchanged"        # bitwise unchanged while frozen
     assert "group 0" in fm["rows"][conv]["label"]
 
 
 def test_loss_and_stage_boundaries(demo):
     fig = demo["data"]["figures"]["loss"]
-    trace = fig["data"][0]
-    assert decode(trace["y"]).tolist() == demo["losses"]
-    assert decode(trace["x"]).tolist() == list(range(len(demo["losses"])))
+    assert [t["meta"]["stage"] for t in fig["data"]] == [0, 1]          # one trace per stage
+    assert np.concatenate([decode(t["y"]) for t in fig["data"]]).tolist() == demo["losses"]
+    xs = [decode(t["x"]).tolist() for t in fig["data"]]
+    assert xs == [list(range(10)), list(range(10, 24))]
+    for t in fig["data"]:                                                # hover names its stage and step
+        assert f"stage {t['meta']['stage']}" in t["hovertemplate"] and "step %{x}" in t["hovertemplate"]
     lines = [s for s in fig["layout"]["shapes"] if s["type"] == "line"]
     assert [s["x0"] for s in lines] == [9.5]
     assert len([s for s in fig["layout"]["shapes"] if s["type"] == "rect"]) == 2
+    event = [a["text"] for a in fig["layout"]["annotations"] if a["x"] == 9.5]
+    assert event == ["▸ 4 tensors unfrozen"]                             # what began stage 1
 
 
 def test_answers_and_findings_are_in_the_page(demo):
@@ -334,7 +348,7 @@ def test_cli_report_writes_html_and_pngs(demo, tmp_path, capsys):
 def test_notebook_display_and_show(demo):
     run = demo["run"]
     text = run._repr_html_()
-    assert "<table" in text and "Does unfreezing eliminate" in text and "frozen =" in text
+    assert "<table" in text and "Does unfreezing eliminate" in text and "frozen, unchanged" in text
     for name in ("freeze_map", "heatmap", "lr", "drift", "loss"):
         fig = run.show(name)  # plotly.py validates every property of the figure
         assert type(fig).__name__ == "Figure" and len(fig.data) >= 1
@@ -350,18 +364,34 @@ def test_plotting_libraries_are_imported_only_when_drawing(demo):
 
 
 # ----------------------------------------------------------------------------- escaping
+def _attributes(text: str) -> list[str]:
+    """Every attribute name of every tag, as a browser's tokenizer reads them (a name in an
+    escaped, quoted attribute value is text, not an attribute)."""
+    from html.parser import HTMLParser
+
+    names: list[str] = []
+
+    class Tags(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            names.extend(k.lower() for k, _ in attrs)
+
+    Tags().feed(text)
+    return names
+
+
 def test_names_from_the_model_are_escaped_in_html(evil):
     text = evil["html"]
     for raw in EVIL_NAMES + (EVIL_STAGE, EVIL_GROUP):
         assert raw not in text
     page = re.sub(r"<script>.*?</script>", "", text, count=1, flags=re.S)   # everything but plotly.js
     assert "<img" not in page.lower() and 'onmouseover="' not in page
-    assert re.search(r"<[a-z]+[^<>]*\son[a-z]+\s*=", page, re.I) is None      # no tag with an event handler
-    assert text.count("<script") == 3 and text.count("</script>") == 3   # plotly.js, the data, the boot code
+    assert not [a for a in _attributes(page) if a.startswith("on")]         # no tag with an event handler
+    # plotly.js, the data, the boot code, the layer view's scrubber
+    assert text.count("<script") == 4 and text.count("</script>") == 4
     assert html_lib.escape(EVIL_STAGE) in text                             # shown as text in the stages table
     data = embedded(text)
     fm = data["figures"]["freeze_map"]
-    assert html_lib.escape(EVIL_MODULE) in fm["layout"]["yaxis"]["tickvals"]
+    assert any(html_lib.escape(EVIL_MODULE) in v for v in fm["layout"]["yaxis"]["tickvals"])
     labels = " ".join(fm["layout"]["yaxis"]["ticktext"])
     assert html_lib.escape(EVIL_MODULE) in labels and EVIL_MODULE not in labels
     lr_names = {t["name"] for t in data["figures"]["lr"]["data"]}
@@ -394,6 +424,7 @@ def test_every_summary_field_is_documented(demo, tmp_path):
         "stages[].groups[]": s["stages"][0]["groups"][0], "params[]": s["params"][0],
         "params[].stages[]": s["params"][0]["stages"][0], "modules[]": s["modules"][0],
         "buffers[]": s["buffers"][0], "findings[]": s["findings"][0], "answers[]": s["answers"][0],
+        "layers[]": s["layers"][0], "transitions[]": s["transitions"][0],
     }
     assert set(s) - {"schema"} == {k.split("[")[0] for k in sections if "." not in k}
     for heading, obj in sections.items():

@@ -1,10 +1,16 @@
-"""A very large run (200 tensors × 20,000 steps, every step recorded) makes a report within the
-size budget (≤ 15 MB); the heatmap is binned to ≤ 2,000 columns and says so."""
+"""Report size: a very large run (200 tensors × 20,000 steps, every step recorded) makes a report
+within its budget (≤ 15 MB; the heatmap binned to ≤ 2,000 columns, and saying so); the demo's and a
+fastai resnet34 run's reports are ≤ 3 MiB, with plotly.js the vendored cartesian bundle."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +24,8 @@ from freezeframe.render.html import render_html
 from freezeframe.store import layout
 
 MB = 1024 * 1024
+MIB = 1024 * 1024
+VENDOR = Path(freezeframe.__file__).parent / "render" / "vendor"
 
 
 def synthetic_run(run_dir, *, steps_per_stage: int = 10_000, blocks: int = 10, width: int = 10, seed: int = 0):
@@ -92,3 +100,62 @@ def test_200_tensors_by_20000_steps_stays_within_15_mb(tmp_path):
     text = render_html(run, data=data)
     assert "downsampled: 20,000 recorded steps shown as 2,000 columns" in text
     assert len(text.encode("utf-8")) <= 15 * MB
+
+
+def _scripts(text: str) -> list[str]:
+    return re.findall(r"<script>(.*?)</script>", text, re.S)
+
+
+def test_the_report_inlines_the_vendored_cartesian_bundle(tmp_path):
+    """plotly.js is render/vendor's partial bundle (with its licence and where it came from), not
+    the plotly Python package's full one: the report is drawn without importing plotly at all."""
+    bundle = (VENDOR / "plotly-cartesian.min.js").read_text(encoding="utf-8")
+    version = re.search(r"plotly\.js \(cartesian - minified\) v(\d+\.\d+\.\d+)", bundle[:400]).group(1)
+    readme = (VENDOR / "README.md").read_text()
+    assert f"v{version}" in readme and "npm pack plotly.js-cartesian-dist-min" in readme
+    assert "MIT License" in (VENDOR / "LICENSE").read_text()
+    for trace in ("heatmap", "scatter", "bar"):                     # the trace types the report draws
+        assert re.search(rf'name:"{trace}"', bundle), trace
+    run_dir = tmp_path / "run"
+    synthetic_run(run_dir, steps_per_stage=50)
+    code = ("import sys; import freezeframe; from freezeframe.render.html import render_html; "
+            "t = render_html(freezeframe.load(sys.argv[1])); sys.stdout.write(t); "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'plotly'); assert not bad, bad")
+    text = subprocess.run([sys.executable, "-c", code, str(run_dir)], check=True, capture_output=True,
+                          text=True, timeout=300).stdout
+    assert _scripts(text)[0] == bundle                             # inlined whole, once
+    assert text.count("Copyright 2012-") == 1
+
+
+def test_the_demo_report_is_within_3_mib(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", FREEZEFRAME_CACHE=str(tmp_path / "cache"))
+    exe = str(Path(sys.executable).parent / "freezeframe")
+    proc = subprocess.run([exe, "demo", "--out", str(tmp_path / "demo")], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = tmp_path / "demo" / "report.html"
+    text = report.read_text(encoding="utf-8")
+    assert 'id="fig-heatmap"' in text and 'id="between"' in text
+    assert report.stat().st_size <= 3 * MIB, report.stat().st_size
+
+
+def test_a_fastai_resnet34_report_is_within_3_mib(tmp_path):
+    import torch
+
+    fh = __import__("fastai_helpers")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_dir = tmp_path / "run"
+        learn = fh.resnet_learner(tmp_path, n_train=24, bs=4, cbs=[fh.watching(run_dir, every=1)])
+        learn.fine_tune(2)                                            # 6 frozen steps, then 12 unfrozen
+        fh.collect()
+    finally:
+        torch.set_num_threads(before)
+    run = freezeframe.load(run_dir)
+    summary = run.summary()
+    assert summary["run"]["tensors_total"] > 100 and summary["run"]["steps"] == 18
+    text = render_html(run)
+    assert len(text.encode("utf-8")) <= 3 * MIB
+    data = from_run(run)
+    assert len(data["heatmap"]["rows"]) > 60                          # the network drawn at resnet34's size

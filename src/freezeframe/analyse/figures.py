@@ -93,7 +93,8 @@ def stages(summary: dict) -> list[dict]:
         out.append({"index": s["index"], "name": s["name"], "label": label, "kind": s["kind"],
                     "first_step": s["first_step"], "last_step": s["last_step"], "steps": s["steps"],
                     "starts_from_previous_end": s["starts_from_previous_end"], "continuity": s["continuity"],
-                    "changed_since_previous_end": len(s["changed_since_previous_end"])})
+                    "changed_since_previous_end": len(s["changed_since_previous_end"]),
+                    "epoch_starts": s.get("epoch_starts")})
     return out
 
 
@@ -118,7 +119,7 @@ def continuity_note(summary: dict) -> str:
 def _pct(x: float | None) -> str:
     if x is None:
         return ""
-    return f"{100 * x:.2g}%" if x < 0.1 else f"{100 * x:.0f}%"
+    return f"{100 * x:.2g} %" if x < 0.1 else f"{100 * x:.0f} %"
 
 
 def shade(drift_rel: float | None) -> float:
@@ -133,11 +134,13 @@ def _state(trainable) -> str | None:
 
 
 def _cell_text(state: str | None, changed, drift_rel) -> str:
-    word = {"trainable": "trains", "frozen": "frozen", "partial": "partial", None: "?"}[state]
+    """e.g. "trains, changed, 13 % from start": changed = its bytes differ from the stage's start;
+    the % is the distance from W_ref (relative L2) at the stage's end; "unchanged" = bitwise."""
+    word = {"trainable": "trains", "frozen": "frozen", "partial": "partly trains", None: "?"}[state]
     if changed is True:
-        return f"{word} Δ{_pct(drift_rel)}" if drift_rel is not None else f"{word} Δ"
+        return f"{word}, changed, {_pct(drift_rel)} from start" if drift_rel is not None else f"{word}, changed"
     if changed is False:
-        return f"{word} ="
+        return f"{word}, unchanged"
     return word
 
 
@@ -175,10 +178,6 @@ def drift(summary: dict, depth: int | None = None, *, max_rows: int = FREEZE_MAP
 # ----------------------------------------------------------------------------- update heatmap
 def _np(table: pa.Table, name: str, dtype) -> np.ndarray:
     return table.column(name).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-
-
-def _valid(table: pa.Table, name: str) -> np.ndarray:
-    return table.column(name).is_valid().to_numpy(zero_copy_only=False)
 
 
 def _bins(n: int, k: int) -> np.ndarray:
@@ -244,7 +243,9 @@ def update_heatmap(summary: dict, steps: pa.Table, tensors: pa.Table, depth: int
     else:
         note = f"every one of the {n_steps:,} steps"
     finite_vals = shown[np.isfinite(shown)]
+    col_epoch, col_batch = step_context(summary, np.asarray(x_first))
     return {
+        "epoch": col_epoch, "batch": col_batch,  # of each column's (first) step: 0 = no epochs announced
         "depth": depth,
         "rows": [{"name": r["name"], "label": r["label"], "readable": r["readable"], "group": r["group"],
                   "types": r["types"], "numel": r["numel"], "tensors": len(r["params"])} for r in rows],
@@ -280,16 +281,64 @@ def learning_rates(summary: dict, steps: pa.Table) -> dict:
         for g in s["groups"]:
             gi = g["index"]
             sel = np.flatnonzero((stage == s["index"]) & (opt == g["optimizer"]) & (lengths > gi))
+            if len(sel) > MAX_COLUMNS:  # a long stage: evenly spaced steps, first and last kept (a smooth schedule)
+                sel = sel[np.unique(np.linspace(0, len(sel) - 1, MAX_COLUMNS).round().astype(np.int64))]
+            ep, bt = step_context(summary, step[sel])
             series.append({"group": gi, "name": g["name"], "layer_group": labels.get(gi, g["name"]),
                            "stage": s["index"], "stage_name": s["name"], "lr_max": g["lr_max"],
-                           "steps": step[sel], "lr": flat[offsets[sel] + gi]})
+                           "steps": step[sel], "lr": flat[offsets[sel] + gi], "epoch": ep, "batch": bt})
     return {"series": series, "stages": stages(summary), "boundaries": boundaries(summary),
             "layer_groups": list(dict.fromkeys(labels[g] for g in sorted(labels)))}
 
 
+# ----------------------------------------------------------------------------- time axis
+def step_context(summary: dict, step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each step number: its epoch (1-based within its stage) and batch (1-based within its
+    epoch, counted in optimizer steps); 0 where the stage announced no epochs."""
+    step = np.asarray(step, dtype=np.int64)
+    epoch, batch = np.zeros(len(step), np.int64), np.zeros(len(step), np.int64)
+    for s in summary["stages"]:
+        starts = s.get("epoch_starts")
+        if not starts or s["first_step"] is None:
+            continue
+        starts = np.asarray(starts, np.int64)
+        sel = np.flatnonzero((step >= s["first_step"]) & (step <= s["last_step"]) & (step >= starts[0]))
+        k = np.searchsorted(starts, step[sel], side="right") - 1
+        epoch[sel], batch[sel] = k + 1, step[sel] - starts[k] + 1
+    return epoch, batch
+
+
+def time_marks(summary: dict) -> dict:
+    """Epoch ticks `[{step, label}]` (the step each epoch began) and stage events
+    `[{step (a stage start - 0.5), label}]`: what started the stage (`unfreeze()` …, from
+    `transitions[]`), else the stage's name. The same fields as `timeline()` gives."""
+    ticks = [{"step": int(x), "label": f"epoch {k + 1}"} for s in summary["stages"]
+             for k, x in enumerate(s.get("epoch_starts") or [])]
+    said = {t["stage"]: t.get("event") for t in summary.get("transitions") or []}
+    events = [{"step": s["first_step"] - 0.5, "label": said.get(s["index"]) or s["name"]}
+              for s in summary["stages"][1:] if s["first_step"] is not None]
+    return {"epoch_ticks": ticks, "events": events}
+
+
+def epoch_values(summary: dict) -> dict:
+    """Per-epoch values of every stage (`stages[].epoch_metrics`): one row per epoch with its
+    stage, epoch (1-based), first and last step, values by name; `names` in first-seen order."""
+    rows, names = [], {}
+    for s in summary["stages"]:
+        em = s.get("epoch_metrics") or []
+        for k, e in enumerate(em):
+            last = em[k + 1]["first_step"] - 1 if k + 1 < len(em) else s["last_step"]
+            values = (e or {}).get("values") or {}
+            names.update(dict.fromkeys(values))
+            rows.append({"stage": s["index"], "stage_label": f"{s['index']}: {s['name']}", "epoch": k + 1,
+                         "first_step": e["first_step"], "last_step": last, "values": values})
+    return {"rows": rows, "names": list(names)}
+
+
 # ----------------------------------------------------------------------------- loss
-def loss(scalars: pa.Table, name: str = "loss") -> dict | None:
-    """The last `name` value logged at each step (None when the run logged none)."""
+def loss(scalars: pa.Table, name: str = "loss", summary: dict | None = None) -> dict | None:
+    """The last `name` value logged at each step (None when the run logged none), with each
+    step's stage, epoch and batch when `summary` is given (stage -1: outside every stage)."""
     if scalars.num_rows == 0:
         return None
     sel = scalars.filter(pc.equal(scalars.column("name"), name))
@@ -300,7 +349,13 @@ def loss(scalars: pa.Table, name: str = "loss") -> dict | None:
     order = np.argsort(step, kind="stable")
     step, value = step[order], value[order]
     last = np.r_[step[1:] != step[:-1], True]
-    return {"name": name, "steps": step[last], "values": value[last]}
+    out = {"name": name, "steps": step[last], "values": value[last]}
+    if summary is not None:
+        out["stage"] = np.full(len(out["steps"]), -1, np.int64)
+        for s in (s for s in summary["stages"] if s["first_step"] is not None):
+            out["stage"][(out["steps"] >= s["first_step"]) & (out["steps"] <= s["last_step"])] = s["index"]
+        out["epoch"], out["batch"] = step_context(summary, out["steps"])
+    return out
 
 
 # ----------------------------------------------------------------------------- everything
@@ -309,15 +364,21 @@ def figure_data(summary: dict, steps: pa.Table, tensors: pa.Table, scalars: pa.T
                 max_columns: int = MAX_COLUMNS) -> dict:
     """Everything the report draws. `depth`: module-tree depth of the freeze map and the drift
     figure (default: fits ~40 rows); `heatmap_depth`: of the update heatmap (default: ~120 rows)."""
-    return {
+    out = {
         "stages": stages(summary),
         "boundaries": boundaries(summary),
         "freeze_map": freeze_map(summary, depth),
         "heatmap": update_heatmap(summary, steps, tensors, heatmap_depth, max_columns=max_columns),
         "lr": learning_rates(summary, steps),
         "drift": drift(summary, depth),
-        "loss": loss(scalars),
+        "loss": loss(scalars, summary=summary),
+        "epochs": epoch_values(summary),
     }
+    from .timeline import layer_view, timeline   # the layer view and the scrubber's frames (docs/report.md)
+
+    out["layer_view"] = layer_view(summary)
+    out["timeline"] = timeline(summary, steps, tensors, scalars)
+    return out
 
 
 FIGURES = ("freeze_map", "heatmap", "lr", "drift", "loss")
@@ -325,19 +386,14 @@ FIGURES = ("freeze_map", "heatmap", "lr", "drift", "loss")
 
 def one_figure(run, name: str, *, depth: int | None = None) -> dict | None:
     """The data of one figure of a `Run` (None for "loss" when the run logged none)."""
-    summary = run.summary()
-    stored = run._stored
-    if name == "freeze_map":
-        return freeze_map(summary, depth)
-    if name == "heatmap":
-        return update_heatmap(summary, stored.steps, stored.tensors, depth)
-    if name == "lr":
-        return learning_rates(summary, stored.steps)
-    if name == "drift":
-        return drift(summary, depth)
-    if name == "loss":
-        return loss(stored.scalars)
-    raise ValueError(f"unknown figure {name!r}; the figures are {', '.join(map(repr, FIGURES))}")
+    summary, stored = run.summary(), run._stored
+    make = {"freeze_map": lambda: freeze_map(summary, depth),
+            "heatmap": lambda: update_heatmap(summary, stored.steps, stored.tensors, depth),
+            "lr": lambda: learning_rates(summary, stored.steps), "drift": lambda: drift(summary, depth),
+            "loss": lambda: loss(stored.scalars, summary=summary)}
+    if name not in make:
+        raise ValueError(f"unknown figure {name!r}; the figures are {', '.join(map(repr, FIGURES))}")
+    return make[name]()
 
 
 def from_run(run, **options) -> dict:

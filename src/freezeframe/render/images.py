@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .html import FROZEN_CELL, GROUP_COLORS, MARKED_CELLS, STAGE_COLORS, STATE_COLORS, UNKNOWN_COLOR
+from .charts import FROZEN_CELL, GROUP_COLORS, MARKED_CELLS, STAGE_COLORS, STATE_COLORS, STATE_LABELS, UNKNOWN_COLOR
 
 DPI = 110
 FILES = {"freeze_map": "freeze_map.png", "heatmap": "update_heatmap.png", "lr": "learning_rates.png",
@@ -77,7 +77,7 @@ def freeze_map_png(fm: dict, path: Path) -> Path:
     for r in range(R):
         for k in range(S):
             img[r, k] = _cell_color(fm["state"][r][k], fm["shade"][r][k])
-    fig = _figure(3.5 + 2.0 * S, 1.6 + 0.26 * R)
+    fig = _figure(max(7.0, 3.5 + 2.2 * S), 2.2 + 0.26 * R)
     ax = fig.add_subplot()
     ax.imshow(img, aspect="auto", interpolation="nearest")
     for r in range(R):
@@ -90,11 +90,18 @@ def freeze_map_png(fm: dict, path: Path) -> Path:
     ax.xaxis.tick_top()
     _row_axis(ax, rows, fm["group_breaks"])
     ax.tick_params(length=0)
-    ax.set_title(f"Freeze map (module tree to depth {fm['depth']})\nΔ bytes changed, = bitwise unchanged; "
-                 "% and shade: distance from the starting weights at stage end", fontsize=9, loc="left")
-    fig.legend(handles=[Patch(color=STATE_COLORS[s][1], label=lab) for s, lab in
-                        (("trainable", "trainable"), ("partial", "partial"), ("frozen", "frozen"))],
-               loc="outside lower center", ncols=3, fontsize=8, frameon=False)
+    # the title above the stage labels (constrained layout makes room for a suptitle, never cuts it)
+    fig.suptitle(f"Freeze map (module tree to depth {fm['depth']})\nchanged = bytes differ from the stage's start; "
+                 "unchanged = bitwise equal;\n% from start = distance from the weights watching began with "
+                 "(relative L2), at the stage's end", fontsize=9, x=0.01, ha="left")
+    handles = []
+    for st in ("trainable", "partial", "frozen"):     # only states some cell has, in the cells' colour
+        shades = [sh for srow, hrow in zip(fm["state"], fm["shade"]) for x, sh in zip(srow, hrow) if x == st]
+        if shades:
+            handles.append(Patch(facecolor=_cell_color(st, float(np.median(shades))), edgecolor="#888",
+                                 label=STATE_LABELS[st]))
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
     return _save(fig, path)
 
 
@@ -177,9 +184,11 @@ def drift_png(dr: dict, path: Path) -> Path:
         pts = d[r][np.isfinite(d[r])]
         if len(pts) > 1:
             ax.plot(pts, [r] * len(pts), color="#9aa4ae", linewidth=2, zorder=1)
-    for k, s in enumerate(stages):
-        ax.scatter(d[:, k], np.arange(R), s=max(20, 70 - 15 * k), color=STAGE_COLORS[k % len(STAGE_COLORS)],
-                   edgecolors="white", linewidths=0.8, zorder=2 + k, label=_t(f"end of stage {s['label']}"))
+    for k, s in enumerate(stages):   # earlier stages as rings, the last as a dot: neither hides the other
+        color, ring = STAGE_COLORS[k % len(STAGE_COLORS)], k < len(stages) - 1
+        ax.scatter(d[:, k], np.arange(R), s=90 if ring else 28, facecolors="none" if ring else color,
+                   edgecolors=color if ring else "white", linewidths=1.8 if ring else 0.8, zorder=2 + k,
+                   label=_t(f"end of stage {s['label']}"))
     from matplotlib.ticker import PercentFormatter
 
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
@@ -187,7 +196,7 @@ def drift_png(dr: dict, path: Path) -> Path:
     ax.set_ylim(R - 0.5, -0.5)
     _row_axis(ax, rows, dr["group_breaks"])
     ax.grid(axis="x", color="#eee")
-    ax.set_xlabel("relative distance from the reference weights, |W − W_ref| / |W_ref|")
+    ax.set_xlabel("relative L2 distance from the reference weights, |W − W_ref| / |W_ref|")
     ax.set_title(_t("Distance from the reference (pretrained) weights at the end of each stage"
                     + (f"\n{dr['continuity']}" if dr["continuity"] else "")), fontsize=9, loc="left")
     fig.legend(loc="outside lower center", ncols=min(4, max(1, len(stages))), fontsize=8, frameon=False)
