@@ -38,8 +38,102 @@ def test_demo_writes_run_report_and_pngs(demo):
     assert (out / "report.html").stat().st_size > 100_000
     for name in ("freeze_map", "update_heatmap", "learning_rates", "drift", "loss"):
         assert (out / "png" / f"{name}.png").stat().st_size > 5_000, name
-    for text in ("Freeze map", "The three questions", "Accuracy on held-out digits", "report.html"):
+    for text in ("Freeze map", "The three questions", "Accuracy on held-out digits", "report.html",
+                 "pretraining on digits 0-4", "trained now and cached"):
         assert text in stdout, text
+
+
+def _oracle_structure(model):
+    """Counted from the module tree itself: BasicBlocks per stage, main-path convolutions, Linear
+    layers, and convolutions inside a block's `downsample` (the projection shortcuts)."""
+    from torch import nn
+
+    named = dict(model.named_modules())
+    convs = [n for n, m in named.items() if isinstance(m, nn.Conv2d)]
+    return {"blocks": [len(named[f"layer{i}"]) for i in range(1, 5)],
+            "main_convs": [n for n in convs if ".downsample." not in n],
+            "shortcut_convs": [n for n in convs if ".downsample." in n],
+            "linear": [n for n, m in named.items() if isinstance(m, nn.Linear)]}
+
+
+def test_demo_network_has_resnet34s_structure_at_an_eighth_of_its_widths():
+    """Checked against torchvision's resnet34 itself: the same parameterised modules under the same
+    names and types, the same kernel sizes and strides in the blocks, 1/8 the channels."""
+    import torch
+    from torch import nn
+    from torchvision.models import resnet34
+
+    from freezeframe.demo_model import DigitResNet34
+
+    ours, real = DigitResNet34(), resnet34()
+    st = _oracle_structure(ours)
+    assert st["blocks"] == [3, 4, 6, 3]
+    assert len(st["main_convs"]) == 33 and st["linear"] == ["fc"]
+    assert st["shortcut_convs"] == ["layer2.0.downsample.0", "layer3.0.downsample.0", "layer4.0.downsample.0"]
+    assert _oracle_structure(real) == st
+    own = lambda m: {n: x for n, x in m.named_modules() if list(x.parameters(recurse=False))}  # noqa: E731
+    a, b = own(ours), own(real)
+    assert list(a) == list(b) and len(a) == 73
+    for name, m in a.items():
+        assert type(m) is type(b[name]), name
+        if isinstance(m, nn.Conv2d) and name != "conv1":
+            assert (m.kernel_size, m.stride) == (b[name].kernel_size, b[name].stride), name
+            assert (8 * m.in_channels, 8 * m.out_channels) == (b[name].in_channels, b[name].out_channels), name
+    assert (ours.conv1.kernel_size, ours.conv1.stride) == ((3, 3), (1, 1))  # 8x8 images: no 7x7/2 stem
+    assert "maxpool" in dict(real.named_modules()) and "maxpool" not in dict(ours.named_modules())
+    n_ours, n_real = (sum(p.numel() for p in m.parameters()) for m in (ours, real))
+    assert 60 < n_real / n_ours < 70, (n_real, n_ours)
+    assert ours(torch.zeros(2, 1, 8, 8)).shape == (2, 5)
+    # 3 layer groups as fastai splits a resnet: conv1, bn1, layer1, layer2 | layer3, layer4 | fc
+    ids = {id(p): n for n, p in ours.named_parameters()}
+    groups = [[ids[id(p)] for p in g] for g in ours.layer_groups()]
+    assert sorted(sum(groups, [])) == sorted(ids.values())
+    assert {n.split(".")[0] for n in groups[0]} == {"conv1", "bn1", "layer1", "layer2"}
+    assert {n.split(".")[0] for n in groups[1]} == {"layer3", "layer4"}
+    assert groups[2] == ["fc.weight", "fc.bias"]
+
+
+def test_demo_run_shows_the_34_layer_structure(demo):
+    """The recorded run states the structure the module tree has: 34 weight layers on the main path
+    (33 convolutions + fc), 3 shortcut convolutions, BasicBlocks [3, 4, 6, 3] in forward order."""
+    import torch
+
+    from freezeframe.demo_model import DigitResNet34
+
+    s = freezeframe.load(demo[3]).summary()
+    st = _oracle_structure(DigitResNet34())
+    counts = s["run"]["layer_counts"]
+    assert (counts["weight_layers"], counts["shortcut_weight_layers"], counts["head_weight_layers"]) == (34, 3, 1)
+    weight = [x for x in s["layers"] if x["type"] in ("Conv2d", "Linear")]
+    assert [x["module"] for x in weight if x["branch"] == "main"] == st["main_convs"] + ["fc"]
+    assert [x["weight_layer"] for x in weight if x["branch"] == "main"] == list(range(1, 35))
+    assert [x["module"] for x in weight if x["branch"] == "shortcut"] == st["shortcut_convs"]
+    blocks = [x["block"] for x in s["layers"] if x["block"].startswith("layer")]
+    assert [len({b for b in blocks if b.startswith(f"layer{i}.")}) for i in range(1, 5)] == [3, 4, 6, 3]
+    # forward order, from forward pre-hooks on a fresh copy of the network
+    order, model = [], DigitResNet34()
+    for name, m in model.named_modules():
+        if list(m.parameters(recurse=False)):
+            m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name) if name not in order else None)
+    model(torch.zeros(2, 1, 8, 8))
+    assert [x["module"] for x in s["layers"]] == order
+    assert all(x["ran"] is True for x in s["layers"])
+    assert {x["part"] for x in s["layers"] if x["module"].startswith("fc")} == {"head"}
+    assert {x["part"] for x in s["layers"] if not x["module"].startswith("fc")} == {"body"}
+
+
+def test_demo_logs_loss_and_accuracy_per_epoch(demo):
+    """One entry per epoch with train_loss, valid_loss, accuracy; the last epoch's accuracy is the
+    held-out accuracy the demo reports after that stage (the same weights, the same data)."""
+    s = freezeframe.load(demo[3]).summary()
+    acc = json.loads((demo[3] / "demo.json").read_text())["accuracy"]
+    for st, after in zip(s["stages"], list(acc.values())[1:]):
+        em = st["epoch_metrics"]
+        assert [e["epoch"] for e in em] == list(range(st["epochs"]))
+        assert [e["first_step"] for e in em] == st["epoch_starts"]
+        assert all(set(e["values"]) == {"train_loss", "valid_loss", "accuracy"} for e in em)
+        assert em[-1]["values"]["accuracy"] == pytest.approx(after, abs=1e-6)
+        assert all(0 < e["values"]["train_loss"] < 5 and 0 < e["values"]["valid_loss"] < 5 for e in em)
 
 
 def test_demo_accuracy_rises_stage_by_stage(demo):
@@ -62,7 +156,7 @@ def test_demo_records_the_two_stages_with_the_expected_freeze_facts(demo):
     assert [g["lr_max"] for g in second["groups"]] == pytest.approx([1e-4, 1e-3, 1e-2], rel=1e-12)
     for p in s["params"]:
         st1, st2 = p["stages"]
-        body_conv = not p["name"].startswith("head") and not p["is_norm"]
+        body_conv = not p["name"].startswith("fc.") and not p["is_norm"]
         assert st1["trainable"] is (not body_conv), p["name"]
         assert st1["changed"] is (not body_conv), p["name"]  # frozen: bitwise unchanged
         assert st2["trainable"] is True and st2["changed"] is True, p["name"]
@@ -70,11 +164,25 @@ def test_demo_records_the_two_stages_with_the_expected_freeze_facts(demo):
 
 
 def test_demo_is_deterministic_and_uses_the_cache(demo):
+    """The second run loads the pretrained network from the cache (a file naming the network, its
+    version, seed and epochs) and does no pretraining."""
+    import torch
+
+    from freezeframe.demo import CACHE_VERSION
+    from freezeframe.demo_model import DigitResNet34
+
     tmp, exe, env, out, _ = demo
-    again, _ = run_demo(tmp, exe, env, "again")
+    cached = sorted((tmp / "cache").iterdir())
+    assert [p.name for p in cached] == [f"demo-resnet34-narrow-v{CACHE_VERSION}-seed0-e4.pt"]
+    before = cached[0].read_bytes()
+    state = torch.load(cached[0], weights_only=True)
+    assert set(state) == set(DigitResNet34().state_dict())
+    again, stdout = run_demo(tmp, exe, env, "again")
+    assert "pretraining on digits 0-4" not in stdout and "from the cache" in stdout
+    assert sorted((tmp / "cache").iterdir()) == cached and cached[0].read_bytes() == before
     a = json.loads((out / "demo.json").read_text())
     b = json.loads((again / "demo.json").read_text())
-    assert b["pretrained_from_cache"] is True
+    assert a["pretrained_from_cache"] is False and b["pretrained_from_cache"] is True
     assert a["accuracy"] == b["accuracy"]
     sa, sb = freezeframe.load(out).summary(), freezeframe.load(again).summary()
     for key in ("params", "modules", "buffers", "findings"):
@@ -93,7 +201,7 @@ def test_demo_with_fastai(tmp_path, freezeframe_exe, cli_env):
     assert [g["lr_max"] for g in s["stages"][1]["groups"]] == pytest.approx([1e-4, 1e-3, 1e-2], rel=1e-12)
     assert s["stages"][1]["starts_from_previous_end"] is True
     for p in s["params"]:
-        body_conv = not p["name"].startswith("head") and not p["is_norm"]
+        body_conv = not p["name"].startswith("fc.") and not p["is_norm"]
         assert p["stages"][0]["trainable"] is (not body_conv) and p["stages"][0]["changed"] is (not body_conv)
         assert p["stages"][1]["changed"] is True
     acc = json.loads((out / "demo.json").read_text())["accuracy"]

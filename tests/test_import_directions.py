@@ -11,7 +11,7 @@ from pathlib import Path
 PACKAGE = "freezeframe"
 SUBPACKAGES = ("capture", "store", "analyse", "render", "integrations")
 TOP_LEVEL = {  # the package's own modules outside the subpackages
-    "run": "api", "cli": "cli", "demo": "cli",
+    "run": "api", "cli": "cli", "demo": "cli", "demo_model": "cli",
     "fastai": "integrations", "lightning": "integrations", "transformers": "integrations",
     "errors": "neutral", "hashing": "neutral", "_version": "neutral", "modes": "neutral",
 }

@@ -189,15 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="module-tree depth of the freeze map, 1 or more (default: fits ~40 rows)")
     r.set_defaults(func=cmd_report)
 
-    d = sub.add_parser("demo", help="fine-tune a small pretrained CNN on scikit-learn's digits and show what happened")
+    d = sub.add_parser("demo", help="fine-tune a narrow resnet34-shaped network, pretrained on scikit-learn's "
+                                    "digits 0-4, on digits 5-9 and show what happened")
     d.add_argument("--out", default="runs/demo",
                    help="where to write the run: a new or empty folder, or one holding an earlier demo run, which "
                         "is replaced (default: runs/demo)")
     d.add_argument("--seed", type=_seed, default=0, help="random seed, 0 to 4294967295 (default: 0)")
     d.add_argument("--epochs", type=_epoch_pair, default=(3, 5),
                    help="epochs of the two fine-tuning stages, each 1 or more (default: 3,5)")
-    d.add_argument("--pretrain-epochs", type=_count(1, "pretrain-epochs"), default=6,
-                   help="epochs of pretraining on digits 0-4, 1 or more (default: 6)")
+    d.add_argument("--pretrain-epochs", type=_count(1, "pretrain-epochs"), default=8,
+                   help="epochs of pretraining on digits 0-4, 1 or more (default: 8)")
     d.add_argument("--no-report", action="store_true", help="skip report.html and the PNGs")
     d.add_argument("--fastai", action="store_true",
                    help="the same story with a real fastai Learner (freeze, fit_one_cycle, unfreeze, slice)")

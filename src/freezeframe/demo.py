@@ -1,8 +1,9 @@
 """`freezeframe demo`: a real transfer-learning story on scikit-learn's digits, recorded and shown.
 
-A small ResNet-style CNN is pretrained on digits 0-4 (cached), then fine-tuned on digits 5-9 the
-way the course does it: body frozen, head trained with a one-cycle schedule; unfreeze; train
-again with discriminative learning rates over 3 layer groups."""
+A network with resnet34's shape (demo_model.py: BasicBlock stages [3, 4, 6, 3], 1/8 the widths) is
+pretrained on digits 0-4 (cached), then fine-tuned on digits 5-9 the way the course does it: body
+frozen, head trained with a one-cycle schedule; unfreeze; train again with discriminative learning
+rates over 3 layer groups."""
 
 from __future__ import annotations
 
@@ -16,48 +17,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .demo_model import DigitResNet34
 from .errors import FreezeFrameError
 from .store import layout
 from .store.layout import DEMO_MARKER
 from .store.outputs import is_run_dir, replacing
 
-CACHE_VERSION = 1
-
-
-# ----------------------------------------------------------------------------- the model
-class Block(nn.Module):
-    """A residual block: conv-BN-ReLU-conv-BN plus a (projected) shortcut."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = (nn.Sequential() if stride == 1 and c_in == c_out else
-                         nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)))
-
-    def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
-
-
-class DigitNet(nn.Module):
-    """stem → layer1 → layer2 → head; layer groups: [stem, layer1], [layer2], [head]."""
-
-    def __init__(self, n_classes: int = 5, width: int = 16):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        self.layer1 = Block(width, width)
-        self.layer2 = Block(width, 2 * width, stride=2)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, n_classes))
-
-    def forward(self, x):
-        return self.head(self.layer2(self.layer1(self.stem(x))))
-
-    def layer_groups(self) -> list[list[nn.Parameter]]:
-        return [list(self.stem.parameters()) + list(self.layer1.parameters()),
-                list(self.layer2.parameters()), list(self.head.parameters())]
+CACHE_VERSION = 2  # 2: the resnet34-shaped network (1: a 2-block CNN)
 
 
 # ----------------------------------------------------------------------------- the data
@@ -85,20 +51,32 @@ def digits(seed: int) -> dict[str, Split]:
             "target_test": Split(x[tgt[n_train:]], y[tgt[n_train:]] - 5)}
 
 
+def n_batches(n: int, batch_size: int) -> int:
+    """Batches per epoch; a last batch of one image joins the one before (BatchNorm in train mode
+    needs two values per channel, and layer4 works at 1x1 pixels)."""
+    return max(1, n // batch_size + (n % batch_size > 1))
+
+
 def batches(split: Split, batch_size: int, gen: torch.Generator):
     order = torch.randperm(len(split.y), generator=gen)
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
+    k = n_batches(len(order), batch_size)
+    for i in range(k):
+        idx = order[i * batch_size:(i + 1) * batch_size if i < k - 1 else len(order)]
         yield split.x[idx], split.y[idx]
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, split: Split) -> float:
+def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
+    """(loss, accuracy) in eval mode."""
     was = model.training
     model.eval()
-    acc = (model(split.x).argmax(1) == split.y).float().mean().item()
+    out = model(split.x)
     model.train(was)
-    return acc
+    return F.cross_entropy(out, split.y).item(), (out.argmax(1) == split.y).float().mean().item()
+
+
+def accuracy(model: nn.Module, split: Split) -> float:
+    return evaluate(model, split)[1]
 
 
 # ----------------------------------------------------------------------------- the story
@@ -108,23 +86,25 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def pretrained(seed: int, data: dict[str, Split], progress=None, epochs: int = 6) -> tuple[DigitNet, bool]:
+def pretrained(seed: int, data: dict[str, Split], progress=None, epochs: int = 8) -> tuple[DigitResNet34, bool]:
     """The source-task model, from the cache when there (returns (model, from_cache))."""
-    path = cache_dir() / f"demo-digitnet-v{CACHE_VERSION}-seed{seed}-e{epochs}.pt"
+    path = cache_dir() / f"demo-resnet34-narrow-v{CACHE_VERSION}-seed{seed}-e{epochs}.pt"
     torch.manual_seed(seed)
-    model = DigitNet()
+    model = DigitResNet34()
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model, True
     gen = torch.Generator().manual_seed(seed)
+    steps = epochs * n_batches(len(data["source"].y), 32)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    n_batches = (len(data["source"].y) + 31) // 32
-    task = progress.add_task("pretraining on digits 0-4", total=epochs * n_batches) if progress else None
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    task = progress.add_task("pretraining on digits 0-4", total=steps) if progress else None
     for _ in range(epochs):
         for xb, yb in batches(data["source"], 32, gen):
             opt.zero_grad()
             F.cross_entropy(model(xb), yb).backward()
             opt.step()
+            sched.step()
             if progress:
                 progress.advance(task)
     # Drop the last batch's gradients, as a model loaded from disk has none: fastai's optimizer
@@ -138,46 +118,49 @@ def pretrained(seed: int, data: dict[str, Split], progress=None, epochs: int = 6
     return model, False
 
 
-def fine_tune(model: DigitNet, data: dict[str, Split], out: str, seed: int, *, epochs=(3, 5), progress=None,
+def fine_tune(model: DigitResNet34, data: dict[str, Split], out: str, seed: int, *, epochs=(3, 5), progress=None,
               every: int = 1) -> dict:
-    """Stage 1: body frozen (BatchNorm still trains, as fastai does), new head, one-cycle.
+    """Stage 1: body frozen (BatchNorm still trains, as fastai does), new head (fc), one-cycle.
     Stage 2: everything unfrozen, one lr per layer group (1e-4 / 1e-3 / 1e-2)."""
     import freezeframe
 
     torch.manual_seed(seed)
-    model.head[2] = nn.Linear(model.head[2].in_features, 5)  # a new head for the new task
+    model.fc = nn.Linear(model.fc.in_features, 5)  # a new head for the new task
     gen = torch.Generator().manual_seed(seed)
     groups = model.layer_groups()
     accs = {"before fine-tuning": accuracy(model, data["target_test"])}
-    n_batches = (len(data["target_train"].y) + 15) // 16
+    per_epoch = n_batches(len(data["target_train"].y), 16)
 
     def run_stage(name, opt, sched, n_epochs):
-        task = progress.add_task(name, total=n_epochs * n_batches) if progress else None
+        task = progress.add_task(name, total=n_epochs * per_epoch) if progress else None
         with rec.stage(name):
             for _ in range(n_epochs):
                 rec.epoch()  # each stage then states its epochs and where each began (docs/recording.md)
+                losses = []
                 for xb, yb in batches(data["target_train"], 16, gen):
                     opt.zero_grad()
                     loss = F.cross_entropy(model(xb), yb)
                     loss.backward()
                     opt.step()
                     sched.step()
-                    rec.log(loss=loss.item())
+                    losses.append(loss.item())
+                    rec.log(loss=losses[-1])
                     if progress:
-                        progress.update(task, advance=1, description=f"{name}  loss {loss.item():.3f}")
-                accuracy(model, data["target_test"])  # a validation pass each epoch (eval mode)
+                        progress.update(task, advance=1, description=f"{name}  loss {losses[-1]:.3f}")
+                valid_loss, acc = evaluate(model, data["target_test"])  # a validation pass each epoch (eval mode)
+                rec.log_epoch(train_loss=sum(losses) / len(losses), valid_loss=valid_loss, accuracy=acc)
         accs[f"after {name}"] = accuracy(model, data["target_test"])
 
     # Stage 1: freeze the body, keep its BatchNorm layers trainable, train the head.
     for p in groups[0] + groups[1]:
         p.requires_grad_(False)
-    for m in list(model.stem.modules()) + list(model.layer1.modules()) + list(model.layer2.modules()):
-        if isinstance(m, nn.BatchNorm2d):
-            for p in m.parameters():
-                p.requires_grad_(True)
+    for m in model.body_modules():
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.requires_grad_(True)
     opt = torch.optim.AdamW([{"params": g} for g in groups], lr=1e-2, weight_decay=0.01)
     with freezeframe.watch(model, opt, out, every=every, mode="overwrite") as rec:
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=epochs[0] * n_batches)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=epochs[0] * per_epoch)
         run_stage(f"head only, {epochs[0]} epochs", opt, sched, epochs[0])
         # Stage 2: unfreeze everything; discriminative learning rates across the 3 groups.
         for p in model.parameters():
@@ -185,12 +168,12 @@ def fine_tune(model: DigitNet, data: dict[str, Split], out: str, seed: int, *, e
         opt = torch.optim.AdamW([{"params": g} for g in groups], lr=1e-3, weight_decay=0.01)
         rec.track(opt)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[1e-4, 1e-3, 1e-2],
-                                                    total_steps=epochs[1] * n_batches)
+                                                    total_steps=epochs[1] * per_epoch)
         run_stage(f"unfrozen, {epochs[1]} epochs", opt, sched, epochs[1])
     return accs
 
 
-def fine_tune_fastai(model: DigitNet, data: dict[str, Split], out: str, seed: int, *, epochs=(3, 5),
+def fine_tune_fastai(model: DigitResNet34, data: dict[str, Split], out: str, seed: int, *, epochs=(3, 5),
                      progress=None, every: int = 1) -> dict:
     """The same story with a real fastai Learner: freeze(), fit_one_cycle, unfreeze(),
     fit_one_cycle with lr_max=slice(...) over the 3 layer groups."""
@@ -203,7 +186,7 @@ def fine_tune_fastai(model: DigitNet, data: dict[str, Split], out: str, seed: in
     from freezeframe.fastai import FreezeFrame
 
     set_seed(seed)
-    model.head[2] = nn.Linear(model.head[2].in_features, 5)
+    model.fc = nn.Linear(model.fc.in_features, 5)
     accs = {"before fine-tuning": accuracy(model, data["target_test"])}
     train = list(zip(data["target_train"].x, data["target_train"].y))
     valid = list(zip(data["target_test"].x, data["target_test"].y))
@@ -275,7 +258,7 @@ def _written_by_demo(path: Path) -> bool:
     return marker.get("run_created", created) == created
 
 
-def run_demo(*, out: str = "runs/demo", seed: int = 0, console=None, epochs=(3, 5), pretrain_epochs: int = 6,
+def run_demo(*, out: str = "runs/demo", seed: int = 0, console=None, epochs=(3, 5), pretrain_epochs: int = 8,
              report: bool = True, fastai: bool = False) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -287,10 +270,17 @@ def run_demo(*, out: str = "runs/demo", seed: int = 0, console=None, epochs=(3, 
     check_out(out)
     data = digits(seed)
     columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        model, cached = pretrained(seed, data, progress, epochs=pretrain_epochs)
-        tune = fine_tune_fastai if fastai else fine_tune
-        accs = tune(model, data, out, seed, epochs=epochs, progress=progress)
+    threads = torch.get_num_threads()
+    # One thread: an 8x8 image's convolutions are too small to share, and several threads waiting on
+    # each other on a busy machine run many times slower (and the numbers then depend on no setting).
+    torch.set_num_threads(1)
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            model, cached = pretrained(seed, data, progress, epochs=pretrain_epochs)
+            tune = fine_tune_fastai if fastai else fine_tune
+            accs = tune(model, data, out, seed, epochs=epochs, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
     run = freezeframe.load(out)
     with replacing(Path(out) / DEMO_MARKER) as f:
         f.write(json.dumps(

@@ -1,5 +1,5 @@
-"""Notebook display: a run's `_repr_html_` (header, freeze map as a plain HTML table, the answers, the
-findings; no JavaScript) and `show(run, name)`, one report figure as a plotly Figure."""
+"""Notebook display: a run's `_repr_html_` (header, the answers, the layer view, freeze map as a plain
+HTML table, the findings; no JavaScript) and `show(run, name)`, one report figure as a plotly Figure."""
 
 from __future__ import annotations
 
@@ -55,21 +55,35 @@ def _findings(findings: list[dict]) -> str:
     return f'<p style="margin:8px 0 0"><b>Findings</b></p><ul style="margin:2px 0">{"".join(items)}</ul>'
 
 
+def _layer_view(run, summary: dict) -> str:
+    """The report's layer view (`<section id="layers">`, static HTML: nested blocks that open and
+    close without JavaScript); its step slider moves only in the report (docs/report.md)."""
+    from ..analyse.timeline import layer_view, timeline
+    from .layers import layers_section
+
+    stored = run._stored
+    data = {"layer_view": layer_view(summary),
+            "timeline": timeline(summary, stored.steps, stored.tensors, stored.scalars)}
+    return layers_section(data)
+
+
 def repr_html(run, *, depth: int | None = None) -> str:
-    """Small inline HTML for Jupyter: no plotly.js, every name escaped."""
+    """Small inline HTML for Jupyter: no plotly.js, no script, every name escaped."""
     from ..analyse.figures import freeze_map
 
     summary = run.summary()
     r = summary["run"]
     state = "complete" if r["complete"] else f"INTERRUPTED — {r['recovered_steps']:,} steps recovered"
     fm = freeze_map(summary, depth)
+    layers = _layer_view(run, summary)
     return (f'<div class="freezeframe-run" style="font-family:system-ui,sans-serif;font-size:13px">'
             f'<div><b>freezeframe run</b> <code>{e(r["path"])}</code>: {e(r["framework"])} · '
             f'{r["tensors_total"]:,} tensors · {r["params_total"]:,} parameters · {r["steps"]:,} steps · '
             f'{len(summary["stages"])} stages · {e(state)}</div>'
             f'<div style="margin:6px 0 2px;font-weight:600">Freeze map (module tree to depth {fm["depth"]}; '
-            f'Δ = bytes changed, % = distance from the starting weights at stage end, = = bitwise unchanged)</div>'
-            f'{freeze_map_table(fm)}{_answers(summary)}{_findings(summary["findings"])}'
+            f'"changed": the bytes differ from the stage\'s start, "unchanged": bitwise equal; the % is the distance '
+            f'‖W − W_ref‖/‖W_ref‖ from the weights watching began with, at the stage\'s end)</div>'
+            f'{freeze_map_table(fm)}{_answers(summary)}{layers}{_findings(summary["findings"])}'
             f'<div style="color:#888">run.show("heatmap" | "lr" | "drift" | "loss" | "freeze_map") draws one figure; '
             f'freezeframe report {e(r["path"])} writes the interactive report.</div></div>')
 
