@@ -5,18 +5,7 @@ none, the sentence says so and why."""
 from __future__ import annotations
 
 from .answers_epochs import bn_statistics, ran, trained_layers
-
-
-def _n(x: int) -> str:
-    return f"{x:,}"
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.3g} %"
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{_n(n)} {word}{'' if n == 1 else 'es' if word.endswith('s') else 's'}"
+from .words import number as _n, pct as _pct, plural as _plural
 
 
 def _label(s: dict) -> str:

@@ -7,20 +7,9 @@ from __future__ import annotations
 from collections import Counter
 
 from .layers import is_weight_type
+from .words import number as _n, pct as _pct, plural as _plural
 
 STATS = ("running_mean", "running_var")
-
-
-def _n(x: int) -> str:
-    return f"{x:,}"
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{_n(n)} {word}{'' if n == 1 else 'es' if word.endswith(('s', 'batch')) else 's'}"
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.3g} %"
 
 
 def batches_per_epoch(s: dict) -> int | None:

@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 
 from .rollup import auto_depth, rollup
 from .tables import update_matrix
+from .timeaxis import step_context, time_marks  # noqa: F401 - the renderers take them from here
 
 MAX_COLUMNS = 2000      # the update heatmap shows at most this many step columns (then it bins steps)
 FREEZE_MAP_ROWS = 40    # default rows of the freeze map and the drift figure (as `freezeframe summary`)
@@ -37,7 +38,7 @@ def readable_name(name: str, *, fastai: bool = False) -> str:
     return out
 
 
-def _is_fastai_layout(summary: dict) -> bool:
+def is_fastai_layout(summary: dict) -> bool:
     tops = {m["name"].split(".")[0] for m in summary["modules"] if m["name"]}
     return summary["run"].get("framework") == "fastai" and bool(tops) and tops <= {"0", "1"}
 
@@ -70,7 +71,7 @@ def _row_group(groups: list[int], labels: dict[int, str]) -> str:
 def _rows(summary: dict, depth: int) -> list[dict]:
     """The rollup at `depth`, each row with its name, a readable label and its layer group."""
     labels = group_labels(summary)
-    fastai = _is_fastai_layout(summary)
+    fastai = is_fastai_layout(summary)
     rows = rollup(summary, depth)
     for r in rows:
         r["group"] = _row_group(r["groups"], labels)
@@ -289,35 +290,6 @@ def learning_rates(summary: dict, steps: pa.Table) -> dict:
                            "steps": step[sel], "lr": flat[offsets[sel] + gi], "epoch": ep, "batch": bt})
     return {"series": series, "stages": stages(summary), "boundaries": boundaries(summary),
             "layer_groups": list(dict.fromkeys(labels[g] for g in sorted(labels)))}
-
-
-# ----------------------------------------------------------------------------- time axis
-def step_context(summary: dict, step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each step number: its epoch (1-based within its stage) and batch (1-based within its
-    epoch, counted in optimizer steps); 0 where the stage announced no epochs."""
-    step = np.asarray(step, dtype=np.int64)
-    epoch, batch = np.zeros(len(step), np.int64), np.zeros(len(step), np.int64)
-    for s in summary["stages"]:
-        starts = s.get("epoch_starts")
-        if not starts or s["first_step"] is None:
-            continue
-        starts = np.asarray(starts, np.int64)
-        sel = np.flatnonzero((step >= s["first_step"]) & (step <= s["last_step"]) & (step >= starts[0]))
-        k = np.searchsorted(starts, step[sel], side="right") - 1
-        epoch[sel], batch[sel] = k + 1, step[sel] - starts[k] + 1
-    return epoch, batch
-
-
-def time_marks(summary: dict) -> dict:
-    """Epoch ticks `[{step, label}]` (the step each epoch began) and stage events
-    `[{step (a stage start - 0.5), label}]`: what started the stage (`unfreeze()` …, from
-    `transitions[]`), else the stage's name. The same fields as `timeline()` gives."""
-    ticks = [{"step": int(x), "label": f"epoch {k + 1}"} for s in summary["stages"]
-             for k, x in enumerate(s.get("epoch_starts") or [])]
-    said = {t["stage"]: t.get("event") for t in summary.get("transitions") or []}
-    events = [{"step": s["first_step"] - 0.5, "label": said.get(s["index"]) or s["name"]}
-              for s in summary["stages"][1:] if s["first_step"] is not None]
-    return {"epoch_ticks": ticks, "events": events}
 
 
 def epoch_values(summary: dict) -> dict:

@@ -12,7 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .figures import is_fastai_layout, group_labels, readable_name
 from .layers import build_layers
+from .timeaxis import step_context, time_marks
 from .tables import stored_column
 
 MAX_FRAMES = 2000        # the scrubber holds at most this many frames (then consecutive steps are binned)
@@ -24,16 +26,9 @@ _ROWS = 1 << 21          # tensor rows per block read (bounds the temporaries: ~
 
 
 # ----------------------------------------------------------------------------- names
-def _fastai_layout(summary: dict) -> bool:
-    tops = {m["name"].split(".")[0] for m in summary["modules"] if m["name"]}
-    return summary["run"].get("framework") == "fastai" and bool(tops) and tops <= {"0", "1"}
-
-
 def readable(name: str, fastai: bool) -> str:
     """`layer1.0.conv1` → `layer1[0].conv1`; in fastai's layout `0.4.0.conv1` → `body[4][0].conv1`
     (the report's naming everywhere, docs/report.md)."""
-    from .figures import readable_name
-
     return readable_name(name, fastai=fastai)
 
 
@@ -54,12 +49,6 @@ def _detail(type_name: str, shapes: list[list[int]]) -> str:
     return "×".join(str(x) for x in w) or "scalar"
 
 
-def group_labels(summary: dict) -> dict[int, str]:
-    from .figures import group_labels as labels
-
-    return labels(summary)
-
-
 # ----------------------------------------------------------------------------- layer view
 def summary_layers(summary: dict) -> tuple[list[dict], dict]:
     """`layers[]` and `run.layer_counts`; for a summary without them (an older run), the same
@@ -67,7 +56,7 @@ def summary_layers(summary: dict) -> tuple[list[dict], dict]:
     if summary.get("layers") is not None:
         return summary["layers"], summary["run"].get("layer_counts") or {}
     modules = [{"name": m["name"], "type": m["type"]} for m in summary["modules"]]
-    if _fastai_layout(summary) and not any(m["name"] == "" for m in modules):
+    if is_fastai_layout(summary) and not any(m["name"] == "" for m in modules):
         modules.insert(0, {"name": "", "type": "Sequential"})  # fastai's Learner model is a Sequential
     return build_layers({"modules": modules, "forward_order": None}, summary["params"], summary["stages"])
 
@@ -140,7 +129,7 @@ def layer_view(summary: dict) -> dict:
     layer with its readable label, type, shape detail, branch, weight-layer number, layer group,
     parameter count and its state in each stage (STATES, or null where the stage does not know)."""
     rows, counts = summary_layers(summary)
-    fastai = _fastai_layout(summary)
+    fastai = is_fastai_layout(summary)
     params = {}
     for p in summary["params"]:
         for n in [p["name"], *(p.get("aliases") or [])]:
@@ -311,34 +300,6 @@ def _group_lrs(summary: dict, steps: pa.Table, rows: np.ndarray) -> tuple[list[i
     return gi.tolist(), [groups[g][1] for g in gi.tolist()], out.astype(np.float32)
 
 
-def _epoch_batch(summary: dict, step: np.ndarray) -> tuple[list, list]:
-    """Epoch (1-based in its stage) and batch (1-based in its epoch, in optimizer steps) of each
-    step, None where its stage announced no epochs."""
-    epoch, batch = np.zeros(len(step), np.int64), np.zeros(len(step), np.int64)
-    for s in summary["stages"]:
-        starts = np.asarray(s.get("epoch_starts") or [], np.int64)
-        if not len(starts) or s["first_step"] is None:
-            continue
-        sel = np.flatnonzero((step >= s["first_step"]) & (step <= s["last_step"]))
-        k = np.searchsorted(starts, step[sel], side="right") - 1
-        ok = k >= 0
-        epoch[sel[ok]] = k[ok] + 1
-        batch[sel[ok]] = step[sel[ok]] - starts[k[ok]] + 1
-    return ([int(x) if x else None for x in epoch.tolist()], [int(x) if x else None for x in batch.tolist()])
-
-
-def marks(summary: dict) -> dict:
-    """Epoch ticks [{step, label}] (the step each epoch began) and stage events [{step (the
-    stage's first step - 0.5), label}]: what began the stage (`unfreeze()`, from transitions[]),
-    else the stage's name."""
-    ticks = [{"step": int(x), "label": f"epoch {k + 1}", "stage": s["index"]} for s in summary["stages"]
-             for k, x in enumerate(s.get("epoch_starts") or [])]
-    said = {t["stage"]: t.get("event") for t in summary.get("transitions") or []}
-    events = [{"step": s["first_step"] - 0.5, "label": said.get(s["index"]) or s["name"], "stage": s["index"]}
-              for s in summary["stages"][1:] if s["first_step"] is not None]
-    return {"epoch_ticks": ticks, "events": events}
-
-
 def _last_loss(scalars: pa.Table, lookup: _StepLookup, F: int, name: str = "loss") -> np.ndarray | None:
     if scalars is None or scalars.num_rows == 0:
         return None
@@ -378,7 +339,7 @@ def timeline(summary: dict, steps: pa.Table, tensors: pa.Table, scalars: pa.Tabl
     update = _update_cells(summary, rows, tensors, lookup, F)
     groups, names, lr = _group_lrs(summary, steps, order[lo])
     f_step = s_sorted[lo]
-    epoch, batch = _epoch_batch(summary, f_step)
+    epoch, batch = ([int(x) or None for x in a.tolist()] for a in step_context(summary, f_step))
     finite = update[np.isfinite(update)]
     binned = F < len(s_sorted)
     labels = group_labels(summary)
@@ -398,5 +359,5 @@ def timeline(summary: dict, steps: pa.Table, tensors: pa.Table, scalars: pa.Tabl
         "group_labels": [labels.get(g, n) for g, n in zip(groups, names)],
         "loss": loss,
         "binned": binned, "steps": int(len(s_sorted)), "note": note,
-        **marks(summary),
+        **time_marks(summary),
     }

@@ -9,6 +9,8 @@ from functools import lru_cache
 from html import escape
 from importlib import resources
 
+from ..analyse.words import counted as _n
+
 # state -> (CSS class, letter shown in the cell, colour, legend text). The legend's swatches and
 # the cells share the class, so they are the same colour by construction.
 STATE_STYLE = {
@@ -20,10 +22,6 @@ STATE_STYLE = {
     None: ("st-na", "·", "#eeeeee", "not in the model in this stage"),
 }
 _DARK = {"trained", "frozen-unchanged", "changed-while-frozen"}   # white letters on these
-
-
-def _n(count: int, word: str) -> str:
-    return f"{count:,} {word}{'' if count == 1 else 's'}"
 
 
 def e(x) -> str:

@@ -8,6 +8,7 @@ import math
 from html import escape as e
 
 from .charts import GROUP_COLORS, STEP_AXIS, _layout, time_decor
+from ..analyse.words import counted as _n
 
 
 def _lr(x) -> str:
@@ -16,10 +17,6 @@ def _lr(x) -> str:
 
 def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.3g} %"
-
-
-def _n(count: int, word: str) -> str:
-    return f"{count:,} {word}{'' if count == 1 else 's'}"
 
 
 def slice_note(lrs: list, framework: str | None = None) -> str | None:
