@@ -33,7 +33,7 @@ class Run:
 
     @property
     def warnings(self) -> list[str]:
-        return list(self._stored.warnings)
+        return list(self._read_whole().warnings)
 
     @property
     def live(self) -> bool:
@@ -48,7 +48,7 @@ class Run:
     @property
     def unreadable(self) -> list[str]:
         """One line per chunk that could not be read (damaged or truncated)."""
-        return list(self._stored.unreadable)
+        return list(self._read_whole().unreadable)
 
     @property
     def steps_read(self) -> int:
@@ -58,7 +58,15 @@ class Run:
     def fully_read(self) -> bool:
         """Every chunk was read and at least the steps the manifest expects are there."""
         expected = self.steps_expected
-        return not self._stored.unreadable and (expected is None or self.steps_read >= expected)
+        return not self._read_whole().unreadable and (expected is None or self.steps_read >= expected)
+
+    def _read_whole(self) -> StoredRun:
+        """The stored run once its tensors table has been read whole (the summary reads it, once):
+        only then does `unreadable` name a chunk whose data is damaged (docs/run-format.md,
+        "Reading a run")."""
+        if not self._stored.tensors_checked:
+            self.summary()
+        return self._stored
 
     def summary(self) -> dict:
         if self._summary is None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from . import findings_peft, findings_writes
 
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
@@ -183,21 +181,17 @@ def zero_lr_group(summary, view) -> list[dict]:
 
 
 def nonfinite(summary, view) -> list[dict]:
-    if view is None or not len(view.t_step):
+    bad = getattr(getattr(view, "tensors", None), "nonfinite", None)  # aggregate.NonFinite
+    if bad is None:
         return []
-    bad = view.nonfinite
-    if not bad.any():
-        return []
-    first = int(np.argmin(np.where(bad, view.t_step, np.iinfo(np.int64).max)))
-    step, t = int(view.t_step[first]), int(view.t_tensor[first])
+    step, t = bad.step, bad.tensor
     names = [p["name"] for p in summary["params"]] + [b["name"] for b in summary["buffers"]]
-    stage = int(view.t_stage[first])
-    hit = sorted({names[int(i)] for i in view.t_tensor[bad] if int(i) < len(names)})
+    hit = sorted({names[i] for i in bad.tensors if i < len(names)})
     return [_finding(
         "nonfinite", "error",
         f"NaN or Inf appeared at step {step} in {names[t] if t < len(names) else t} (and {len(hit) - 1} other "
         "tensor(s) later): lower the learning rate, use gradient clipping, or check the data and loss.",
-        stage, hit)]
+        bad.stage, hit)]
 
 
 def optimizer_state_reset(summary, view) -> list[dict]:

@@ -8,7 +8,8 @@ import numpy as np
 
 from ..store.reader import StoredRun
 from .layers import build_layers
-from .tables import StepView, per_stage_tensor, step_view
+from .aggregate import tensor_aggregates
+from .tables import StageLookup, StepView, step_view
 from .transitions import attach as attach_transitions
 
 SCHEMA = "freezeframe.summary/1"
@@ -134,8 +135,11 @@ def build_summary(run: StoredRun) -> dict:
     P, B = len(params), len(buffers)
     ref_norms = list(m.get("ref_norms") or [None] * (P + B))
     view = step_view(run)
-    agg = per_stage_tensor(view, P + B)
     stages = stage_records(run, view)
+    # the tensors table's aggregates, streamed from its chunks (before `unreadable` is read below:
+    # the scan names a chunk found damaged)
+    view.tensors = tensor_aggregates(run, StageLookup(view.step, view.stage), [s["index"] for s in stages], P + B)
+    agg = {"update_ratio_median": view.tensors.update_ratio_median, "last_drift": view.tensors.last_drift}
     numel = np.array([p["numel"] for p in params], dtype=np.int64)
 
     stage_rows: dict[int, np.ndarray] = {s["index"]: np.flatnonzero(view.stage == s["index"]) for s in stages}

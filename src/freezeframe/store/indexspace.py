@@ -83,9 +83,17 @@ def to_reader(manifest: dict, tensors: pa.Table) -> tuple[dict, pa.Table]:
                                 for k, v in em.items()}
         stages.append(s)
     m["stages"] = stages
-    if tensors.num_rows:
-        t = tensors.column("tensor").to_numpy(zero_copy_only=False).astype(np.int64)
-        mapped = np.where(t < p0, t, np.where(t < p0 + B, t - p0 + P, t - B))
-        tensors = tensors.set_column(tensors.schema.get_field_index("tensor"), "tensor",
-                                     pa.array(mapped.astype(np.int32), type=pa.int32()))
-    return m, tensors
+    return m, tensors_to_reader(manifest, tensors)
+
+
+def tensors_to_reader(manifest: dict, tensors: pa.Table) -> pa.Table:
+    """The `tensor` column of (part of) the stored tensors table in reader order (the stored
+    manifest gives the index space); unchanged when no parameter was added."""
+    p0 = buffers_at(manifest)
+    P, B = len(manifest["model"]["params"]), len(manifest["model"]["buffers"])
+    if p0 == P or not tensors.num_rows or "tensor" not in tensors.column_names:
+        return tensors
+    t = tensors.column("tensor").to_numpy(zero_copy_only=False).astype(np.int64)
+    mapped = np.where(t < p0, t, np.where(t < p0 + B, t - p0 + P, t - B))
+    return tensors.set_column(tensors.schema.get_field_index("tensor"), "tensor",
+                              pa.array(mapped.astype(np.int32), type=pa.int32()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 import re
 import socket
 from dataclasses import dataclass, field
@@ -21,17 +22,134 @@ log = logging.getLogger("freezeframe")
 _CHUNK = re.compile(r"^s(\d{3})-(\d{6}|compact)\.parquet$")
 
 
+BATCH_ROWS = 1 << 20  # rows per batch of `StoredRun.tensor_batches` (about 24 MB of columns)
+
+
 @dataclass
 class StoredRun:
+    """A run as read. The steps and scalars tables are loaded; the tensors table (tens of millions
+    of rows in a long run) is read from its Parquet files only when asked: `scan_tensors()` and
+    `tensor_batches()` stream it a batch at a time, `tensors` loads it whole (once). All are in
+    reader order (docs/run-format.md, "Tensor indices").
+
+    A chunk whose footer reads but whose data does not is found by the first whole read of the
+    table (the summary's scan, `tensors`, or `check_tensors()`): it is then left out and named in
+    `unreadable` and `warnings`, where a reader that loads every table names it
+    (docs/run-format.md, "Reading a run"). `tensors_checked` says that read has happened."""
     path: Path
     manifest: dict
     steps: pa.Table
-    tensors: pa.Table
     scalars: pa.Table
+    tensor_files: list[Path] = field(default_factory=list)  # the readable chunks of the tensors table
     warnings: list[str] = field(default_factory=list)
     live: bool = False                  # writer.lock held by a live process: training in progress
     steps_expected: int | None = None   # the manifest's steps_total
     unreadable: list[str] = field(default_factory=list)  # one line per chunk that could not be read
+    stored_manifest: dict | None = None  # the manifest before `indexspace.to_reader` (for the tensor index)
+    _tensors: pa.Table | None = None
+    tensors_checked: bool = False       # every chunk of the tensors table has been read whole once
+    # where the tensors table's lines go among `unreadable` (after the steps', before the scalars'),
+    # and each listed tensors chunk's place in the listing (the lines keep the listing's order)
+    _notes: tuple[list, dict, list] = field(default_factory=lambda: ([], {}, []))
+    _chunk_rank: dict = field(default_factory=dict)
+
+    @property
+    def tensors(self) -> pa.Table:
+        """The whole tensors table (loaded on first use and kept)."""
+        if self._tensors is None:
+            tables = []
+            for f in list(self.tensor_files):
+                try:
+                    tables.append(self._to_reader(_read_chunk(f)))
+                except Exception as e:  # noqa: BLE001 - a damaged chunk must not stop the reader
+                    self._drop(f, e)
+            self._tensors = pa.concat_tables(tables) if tables else layout.TENSORS_SCHEMA.empty_table()
+            self.tensors_checked = True
+        return self._tensors
+
+    @property
+    def tensor_rows(self) -> int:
+        """The number of rows of the tensors table (from the files' footers when not loaded)."""
+        if self._tensors is not None:
+            return self._tensors.num_rows
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in self.tensor_files)
+
+    def scan_tensors(self, rows: int = BATCH_ROWS) -> Iterator[tuple[Path | None, pa.Table | None]]:
+        """The whole tensors table, every column, at most `rows` rows at a time in stored row
+        order, as (chunk file, table) pairs; the file is None once the table is in memory.
+        A chunk found damaged part-way gives (file, None) after the batches it gave: what it
+        gave is to be discarded (it is then out of `tensor_files` and named in `unreadable`).
+        The next batch is decoded on a second thread while the caller works on this one."""
+        if self._tensors is not None:
+            for a in range(0, self._tensors.num_rows, rows):
+                yield None, self._tensors.slice(a, rows)
+            return
+        for f in list(self.tensor_files):
+            batches = self._chunk_batches(f, rows)
+            try:
+                for table in batches:
+                    yield f, table
+            except Exception as e:  # noqa: BLE001 - a damaged chunk must not stop the reader
+                self._drop(f, e)
+                yield f, None
+            finally:
+                batches.close()
+        self.tensors_checked = True
+
+    def check_tensors(self) -> None:
+        """Read the tensors table whole once (if not yet), so that `unreadable` names every damaged chunk."""
+        if not self.tensors_checked:
+            for _ in self.scan_tensors():
+                pass
+
+    def tensor_batches(self, columns: list[str] | None = None, rows: int = BATCH_ROWS) -> Iterator[pa.Table]:
+        """The tensors table in stored row order, at most `rows` rows at a time, `columns` only
+        (all when None), typed as docs/run-format.md says and in reader order: what `tensors`
+        holds, without holding all of it. The chunks are checked first (`check_tensors`)."""
+        names = list(columns) if columns is not None else layout.TENSORS_SCHEMA.names
+        self.check_tensors()
+        if self._tensors is not None:
+            table = self._tensors.select(names)
+            for a in range(0, table.num_rows, rows):
+                yield table.slice(a, rows)
+            return
+        schema = pa.schema([layout.TENSORS_SCHEMA.field(n) for n in names])
+        for f in self.tensor_files:
+            try:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=names):
+                    yield self._to_reader(pa.Table.from_batches([batch]).select(names).cast(schema))
+            except OSError as e:  # read whole before: the file changed since
+                raise RunError(f"{f}: cannot be read any more ({type(e).__name__}: {e})") from None
+
+    def _chunk_batches(self, f: Path, rows: int) -> Iterator[pa.Table]:
+        """One chunk's row groups, every column (damage anywhere counts), decoded two at a time
+        on worker threads while the caller works on the one before."""
+        schema = layout.TENSORS_SCHEMA
+
+        def read(group: int) -> pa.Table:
+            table = pq.ParquetFile(f).read_row_group(group, use_threads=False)
+            return self._to_reader(table.select(schema.names).cast(schema))
+
+        for table in _prefetch(read, range(pq.ParquetFile(f).metadata.num_row_groups)):
+            for a in range(0, table.num_rows, rows):
+                yield table.slice(a, rows)
+
+    def _to_reader(self, table: pa.Table) -> pa.Table:
+        return table if self.stored_manifest is None else indexspace.tensors_to_reader(self.stored_manifest, table)
+
+    def _drop(self, f: Path, error: Exception) -> None:
+        """A tensors chunk found damaged after load: out of the table, named where the loaded
+        tables' damaged chunks are."""
+        if f in self.tensor_files:
+            self.tensor_files.remove(f)
+        msg = _damage_line(f, layout.TENSORS_SCHEMA, error)
+        log.info("freezeframe: %s", msg)
+        before, tensor_notes, after = self._notes
+        tensor_notes[self._chunk_rank.get(f, len(self._chunk_rank))] = msg
+        lines = before + [tensor_notes[k] for k in sorted(tensor_notes)] + after
+        n_old = len(self.unreadable)
+        self.unreadable[:] = lines
+        self.warnings[:] = lines + self.warnings[n_old:]
 
     def reference(self) -> dict:
         """W_ref by tensor name (CPU tensors): what reference.safetensors holds, i.e. the tensors
@@ -68,16 +186,51 @@ class _Vanished(Exception):
     """A listed chunk was gone when read: merged into a `-compact` file meanwhile."""
 
 
+def _read_chunk(f: Path, schema: pa.Schema = layout.TENSORS_SCHEMA) -> pa.Table:
+    return pq.read_table(f).select(schema.names).cast(schema)
+
+
+def _damage_line(f: Path, schema: pa.Schema, error: Exception, exact: bool = False) -> str:
+    """The line that names a damaged chunk: with the error reading the whole chunk gives (the one
+    a reader that loads the table whole reports), `error` when that read succeeds or `exact`."""
+    if not exact:
+        try:
+            _read_chunk(f, schema)
+        except Exception as e:  # noqa: BLE001 - only its text is wanted
+            error = e
+    return f"skipped damaged chunk {f} ({type(error).__name__}: {error})"
+
+
+def _prefetch(read, items, ahead: int = 2) -> Iterator:
+    """read(item) for each item, in order, up to `ahead` of them computed on worker threads while
+    the caller works on the one before (Arrow and numpy release the GIL); an error reading is
+    raised where that item is due."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending: list = []
+    items = iter(items)
+    with ThreadPoolExecutor(ahead, thread_name_prefix="freezeframe-read") as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(read, item))
+                if len(pending) > ahead:
+                    yield pending.pop(0).result()
+            while pending:
+                yield pending.pop(0).result()
+        finally:
+            for job in pending:
+                job.cancel()
+
+
 def _read_once(folder: Path, schema: pa.Schema, unreadable: list[str]) -> pa.Table:
     tables = []
     for f in _chunk_files(folder):
         try:
-            t = pq.read_table(f)
-            t = t.select(schema.names).cast(schema)
+            t = _read_chunk(f, schema)
         except FileNotFoundError:
             raise _Vanished(f) from None
         except Exception as e:  # noqa: BLE001 - a damaged chunk must not stop the reader
-            unreadable.append(f"skipped damaged chunk {f} ({type(e).__name__}: {e})")
+            unreadable.append(_damage_line(f, schema, e, exact=True))
             continue
         tables.append(t)
     if not tables:
@@ -156,13 +309,48 @@ def read_run(run_dir) -> StoredRun:
         raise RunError(f"{str(path)!r} is not a freezeframe run: it has no {layout.MANIFEST}")
     live = _lock_is_live(path)  # before the manifest: a run that finishes meanwhile reads as complete
     manifest = _parse_manifest(path, mpath)
-    unreadable: list[str] = []
-    tables = {name: _read_table(path / name, schema, unreadable) for name, schema in layout.SCHEMAS.items()}
+    live = live and not manifest.get("complete")
+    notes: dict[str, list[str]] = {name: [] for name in layout.SCHEMAS}
+    tables, tensors, listed, files = {}, None, [], []
+    for name, schema in layout.SCHEMAS.items():  # in this order: a live writer adds rows meanwhile
+        if name != layout.TENSORS:
+            tables[name] = _read_table(path / name, schema, notes[name])
+        elif live:  # a live writer may compact its chunks under a lazy reader: read it now
+            tensors = _read_table(path / name, schema, notes[name])
+        else:       # read when used (StoredRun.scan_tensors): only the footers now
+            listed = _chunk_files(path / name)
+            files = _readable_files(listed, schema, notes[name])
+    tensor_notes = notes[layout.TENSORS]
+    unreadable = [line for name in layout.SCHEMAS for line in notes[name]]  # the tables' order
     for msg in unreadable:  # returned to every reader (summary header, check's refusal): logged at info
         log.info("freezeframe: %s", msg)
-    manifest, tables[layout.TENSORS] = indexspace.to_reader(manifest, tables[layout.TENSORS])  # docs/run-format.md
+    stored_manifest = manifest
+    manifest, _ = indexspace.to_reader(manifest, layout.TENSORS_SCHEMA.empty_table())  # docs/run-format.md
+    if tensors is not None:
+        tensors = indexspace.tensors_to_reader(stored_manifest, tensors)
     steps = tables[layout.STEPS].sort_by("step")
-    live = live and not manifest.get("complete")
-    return StoredRun(path=path, manifest=manifest, steps=steps, tensors=tables[layout.TENSORS],
-                     scalars=tables[layout.SCALARS], warnings=list(unreadable), live=live,
-                     steps_expected=manifest.get("steps_total"), unreadable=unreadable)
+    rank = {f: k for k, f in enumerate(listed)}
+    by_rank = {rank[f]: line for f, line in zip([f for f in listed if f not in files], tensor_notes)} if not live \
+        else dict(enumerate(tensor_notes))
+    return StoredRun(path=path, manifest=manifest, steps=steps, scalars=tables[layout.SCALARS],
+                     tensor_files=files, warnings=list(unreadable), live=live,
+                     steps_expected=manifest.get("steps_total"), unreadable=unreadable,
+                     stored_manifest=stored_manifest, _tensors=tensors, tensors_checked=live,
+                     _notes=(list(notes[layout.STEPS]), by_rank, list(notes[layout.SCALARS])), _chunk_rank=rank)
+
+
+def _readable_files(listed: list[Path], schema: pa.Schema, unreadable: list[str]) -> list[Path]:
+    """The chunks whose footer reads and whose columns are the schema's (a damaged chunk is
+    named in `unreadable` and left out, as `_read_table` does)."""
+    files = []
+    for f in listed:
+        try:
+            have = pq.ParquetFile(f).schema_arrow
+            missing = [n for n in schema.names if n not in have.names]
+            if missing:
+                raise ValueError(f"no column {missing[0]!r}")
+        except Exception as e:  # noqa: BLE001 - a damaged chunk must not stop the reader
+            unreadable.append(_damage_line(f, schema, e))
+            continue
+        files.append(f)
+    return files
