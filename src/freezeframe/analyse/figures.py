@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .rollup import auto_depth, rollup
-from .tables import update_matrix
+from .heatmap import MAX_POINTS, _bins, aggregate, binned_median, envelope  # noqa: F401 - binned_median: a public name here
 from .timeaxis import step_context, time_marks  # noqa: F401 - the renderers take them from here
 
 MAX_COLUMNS = 2000      # the update heatmap shows at most this many step columns (then it bins steps)
@@ -181,39 +181,30 @@ def _np(table: pa.Table, name: str, dtype) -> np.ndarray:
     return table.column(name).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
 
 
-def _bins(n: int, k: int) -> np.ndarray:
-    """Edges splitting n consecutive columns into k nearly equal bins."""
-    return np.linspace(0, n, k + 1).round().astype(np.int64)
+def _points_note(shown: int, total: int, lines: int | None = None) -> str:
+    what = f"{total:,} logged steps" if lines is None else f"{lines} lines of {total:,} steps in all"
+    return (f"downsampled: {what} shown as {shown:,} points, each bin of consecutive steps by its "
+            "lowest and highest value at their own steps")
 
 
-def binned_median(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Median over the columns lo[j]:hi[j] of each row, ignoring NaN (all NaN: NaN); -inf counts
-    as a value. Vectorised: the bins are gathered into one padded array and sorted once."""
-    width = int((hi - lo).max()) if len(lo) else 0
-    idx = lo[:, None] + np.arange(width)[None, :]
-    pad = idx >= hi[:, None]
-    block = values[:, np.minimum(idx, values.shape[1] - 1)]      # rows × bins × width
-    block[:, pad] = np.nan
-    block.sort(axis=2)                                              # NaN sorts last
-    n = (~np.isnan(block)).sum(axis=2)
-    below = np.take_along_axis(block, np.maximum(n - 1, 0)[..., None] // 2, axis=2)[..., 0]
-    above = np.take_along_axis(block, (n // 2)[..., None], axis=2)[..., 0] if width else below
-    with np.errstate(invalid="ignore"):
-        mid = np.where(below == above, below, (below + above) / 2)  # -inf twice stays -inf
-    return np.where(n > 0, mid, np.nan)
+def heatmap_rows(summary: dict, depth: int | None = None, *, max_rows: int = HEATMAP_ROWS) -> tuple[int, list[dict]]:
+    """The update heatmap's depth and rows (the rollup at that depth)."""
+    depth = auto_depth(summary, max_rows) if depth is None else max(1, int(depth))
+    return depth, _rows(summary, depth)
 
 
-def update_heatmap(summary: dict, steps: pa.Table, tensors: pa.Table, depth: int | None = None, *,
-                   max_rows: int = HEATMAP_ROWS, max_columns: int = MAX_COLUMNS) -> dict:
+def update_heatmap(summary: dict, steps: pa.Table, tensors, depth: int | None = None, *,
+                   max_rows: int = HEATMAP_ROWS, max_columns: int = MAX_COLUMNS, cells: dict | None = None) -> dict:
     """Modules (rolled up to `depth`) × recorded steps, colour = log10 of the update-to-weight ratio.
 
     More recorded steps than `max_columns`: consecutive steps of one stage are binned and each
     column holds the median of its steps (the note says so). Cells of a module frozen for the
     whole stage are marked in `frozen` (rows × stages), updates of exactly 0 and non-finite
-    measurements in `zero` / `nonfinite` (rows × columns), so none is confused with a small value."""
-    depth = auto_depth(summary, max_rows) if depth is None else max(1, int(depth))
-    rows = _rows(summary, depth)
-    m = update_matrix(summary, steps, tensors, rows)
+    measurements in `zero` / `nonfinite` (rows × columns), so none is confused with a small value.
+    `tensors`: the tensors table or a stored run (read block by block); `cells`: the heatmap part
+    of `heatmap.aggregate` for these rows when already computed."""
+    depth, rows = heatmap_rows(summary, depth, max_rows=max_rows)
+    m = aggregate(summary, steps, tensors, heat_rows=rows)["heatmap"] if cells is None else cells
     values, nonfinite, col_steps, col_stage = m["values"], m["nonfinite"], m["steps"], m["stage"]
     recorded = len(col_steps)
     stage_pos = {s["index"]: k for k, s in enumerate(summary["stages"])}
@@ -282,14 +273,21 @@ def learning_rates(summary: dict, steps: pa.Table) -> dict:
         for g in s["groups"]:
             gi = g["index"]
             sel = np.flatnonzero((stage == s["index"]) & (opt == g["optimizer"]) & (lengths > gi))
-            if len(sel) > MAX_COLUMNS:  # a long stage: evenly spaced steps, first and last kept (a smooth schedule)
-                sel = sel[np.unique(np.linspace(0, len(sel) - 1, MAX_COLUMNS).round().astype(np.int64))]
-            ep, bt = step_context(summary, step[sel])
+            lr = flat[offsets[sel] + gi]
+            keep, edges = envelope(lr)   # a long stage: each bin's lowest and highest lr (docs/report.md)
+            ep, bt = step_context(summary, step[sel[keep]])
             series.append({"group": gi, "name": g["name"], "layer_group": labels.get(gi, g["name"]),
                            "stage": s["index"], "stage_name": s["name"], "lr_max": g["lr_max"],
-                           "steps": step[sel], "lr": flat[offsets[sel] + gi], "epoch": ep, "batch": bt})
-    return {"series": series, "stages": stages(summary), "boundaries": boundaries(summary),
-            "layer_groups": list(dict.fromkeys(labels[g] for g in sorted(labels)))}
+                           "steps": step[sel[keep]], "lr": lr[keep], "epoch": ep, "batch": bt})
+            if edges is not None:
+                series[-1].update(steps_total=len(sel), bin_first=step[sel[edges[:-1]]],
+                                  bin_last=step[sel[edges[1:] - 1]])
+    out = {"series": series, "stages": stages(summary), "boundaries": boundaries(summary),
+           "layer_groups": list(dict.fromkeys(labels[g] for g in sorted(labels)))}
+    cut = [x for x in series if "steps_total" in x]
+    if cut:
+        out["note"] = _points_note(sum(len(x["steps"]) for x in cut), sum(x["steps_total"] for x in cut), len(cut))
+    return out
 
 
 def epoch_values(summary: dict) -> dict:
@@ -322,34 +320,55 @@ def loss(scalars: pa.Table, name: str = "loss", summary: dict | None = None) -> 
     step, value = step[order], value[order]
     last = np.r_[step[1:] != step[:-1], True]
     out = {"name": name, "steps": step[last], "values": value[last]}
+    stage = np.full(len(out["steps"]), -1, np.int64)
+    for s in (s for s in (summary or {}).get("stages", []) if s["first_step"] is not None):
+        stage[(out["steps"] >= s["first_step"]) & (out["steps"] <= s["last_step"])] = s["index"]
+    keep, first, lastb = [], [], []
+    for idx in dict.fromkeys(stage.tolist()):   # each stage's line on its own (one trace each)
+        sel = np.flatnonzero(stage == idx)
+        k, edges = envelope(out["values"][sel])
+        keep.append(sel[k])
+        if edges is not None:
+            first.append(out["steps"][sel[edges[:-1]]])
+            lastb.append(out["steps"][sel[edges[1:] - 1]])
+    if first:                      # downsampled: each bin's lowest and highest value (docs/report.md)
+        total, keep = len(stage), np.sort(np.concatenate(keep))
+        out = {"name": name, "steps": out["steps"][keep], "values": out["values"][keep]}
+        stage = stage[keep]
+        out.update(steps_total=total, bin_first=np.concatenate(first), bin_last=np.concatenate(lastb),
+                   note=_points_note(len(keep), total))
     if summary is not None:
-        out["stage"] = np.full(len(out["steps"]), -1, np.int64)
-        for s in (s for s in summary["stages"] if s["first_step"] is not None):
-            out["stage"][(out["steps"] >= s["first_step"]) & (out["steps"] <= s["last_step"])] = s["index"]
+        out["stage"] = stage
         out["epoch"], out["batch"] = step_context(summary, out["steps"])
     return out
 
 
 # ----------------------------------------------------------------------------- everything
-def figure_data(summary: dict, steps: pa.Table, tensors: pa.Table, scalars: pa.Table, *,
+def figure_data(summary: dict, steps: pa.Table, tensors, scalars: pa.Table, *,
                 depth: int | None = None, heatmap_depth: int | None = None,
                 max_columns: int = MAX_COLUMNS) -> dict:
     """Everything the report draws. `depth`: module-tree depth of the freeze map and the drift
-    figure (default: fits ~40 rows); `heatmap_depth`: of the update heatmap (default: ~120 rows)."""
+    figure (default: fits ~40 rows); `heatmap_depth`: of the update heatmap (default: ~120 rows).
+    `tensors`: the tensors table or a stored run, read once, block by block, for both the heatmap
+    and the scrubber (analyse/heatmap.py)."""
+    from .timeline import frames, layer_view, timeline   # the layer view and the scrubber (docs/report.md)
+
+    hm_depth, hm_rows = heatmap_rows(summary, heatmap_depth)
+    fr = frames(summary, steps)
+    cells = aggregate(summary, steps, tensors, heat_rows=hm_rows, layer_rows=fr["rows"],
+                      frame_of_pos=fr["frame_of_pos"], F=fr["F"])       # one pass over the tensor rows
     out = {
         "stages": stages(summary),
         "boundaries": boundaries(summary),
         "freeze_map": freeze_map(summary, depth),
-        "heatmap": update_heatmap(summary, steps, tensors, heatmap_depth, max_columns=max_columns),
+        "heatmap": update_heatmap(summary, steps, tensors, hm_depth, max_columns=max_columns, cells=cells["heatmap"]),
         "lr": learning_rates(summary, steps),
         "drift": drift(summary, depth),
         "loss": loss(scalars, summary=summary),
         "epochs": epoch_values(summary),
     }
-    from .timeline import layer_view, timeline   # the layer view and the scrubber's frames (docs/report.md)
-
     out["layer_view"] = layer_view(summary)
-    out["timeline"] = timeline(summary, steps, tensors, scalars)
+    out["timeline"] = timeline(summary, steps, tensors, scalars, update=cells.get("timeline"), fr=fr)
     return out
 
 
@@ -360,7 +379,7 @@ def one_figure(run, name: str, *, depth: int | None = None) -> dict | None:
     """The data of one figure of a `Run` (None for "loss" when the run logged none)."""
     summary, stored = run.summary(), run._stored
     make = {"freeze_map": lambda: freeze_map(summary, depth),
-            "heatmap": lambda: update_heatmap(summary, stored.steps, stored.tensors, depth),
+            "heatmap": lambda: update_heatmap(summary, stored.steps, stored, depth),
             "lr": lambda: learning_rates(summary, stored.steps), "drift": lambda: drift(summary, depth),
             "loss": lambda: loss(stored.scalars, summary=summary)}
     if name not in make:
@@ -370,6 +389,7 @@ def one_figure(run, name: str, *, depth: int | None = None) -> dict | None:
 
 def from_run(run, **options) -> dict:
     """`figure_data` of a `Run`. Reads the stored tables as written: `Run.steps()` joins the loss
-    and `Run.tensors()` adds names, neither needed here."""
+    and `Run.tensors()` adds names, neither needed here; the tensors table is streamed from its
+    files, never loaded whole."""
     stored = run._stored
-    return figure_data(run.summary(), stored.steps, stored.tensors, stored.scalars, **options)
+    return figure_data(run.summary(), stored.steps, stored, stored.scalars, **options)

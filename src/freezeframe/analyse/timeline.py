@@ -15,14 +15,13 @@ import pyarrow.compute as pc
 from .figures import is_fastai_layout, group_labels, readable_name
 from .layers import build_layers
 from .timeaxis import step_context, time_marks
-from .tables import stored_column
+from .heatmap import StepIndex, aggregate
 
 MAX_FRAMES = 2000        # the scrubber holds at most this many frames (then consecutive steps are binned)
 MAX_CELLS = 250_000      # ... and at most this many layer x frame cells (a 1,000-layer model gets 250 frames)
 MIN_FRAMES = 200         # ... but never fewer frames than this for that reason
 COLLAPSE_BEYOND = 200    # a view of more layers than this starts with its blocks collapsed
 STATES = ("frozen-unchanged", "trained", "bn-only", "changed-while-frozen", "frozen")
-_ROWS = 1 << 21          # tensor rows per block read (bounds the temporaries: ~50 bytes a row)
 
 
 # ----------------------------------------------------------------------------- names
@@ -222,61 +221,6 @@ def _frame_starts(stage: np.ndarray, k: int) -> np.ndarray:
                            for a, m, b in zip(seg.tolist(), lens.tolist(), per.tolist())])
 
 
-class _StepLookup:
-    """Step number -> frame (-1: no step row), by a dense table over the step range when that is
-    compact, else a binary search of the sorted steps."""
-
-    def __init__(self, steps_sorted: np.ndarray, frame_of_pos: np.ndarray):
-        self.s, self.f = steps_sorted, frame_of_pos.astype(np.int32)
-        self.lo = int(steps_sorted[0]) if len(steps_sorted) else 0
-        span = int(steps_sorted[-1]) - self.lo + 1 if len(steps_sorted) else 0
-        self.table = None
-        if len(steps_sorted) and span <= 4 * len(steps_sorted) + (1 << 20):
-            self.table = np.full(span + 2, -1, dtype=np.int32)     # a -1 slot at each end
-            self.table[steps_sorted - self.lo + 1] = self.f
-
-    def __call__(self, at: np.ndarray) -> np.ndarray:
-        if not len(self.s):
-            return np.full(len(at), -1, dtype=np.int32)
-        if self.table is not None:
-            idx = at - (self.lo - 1)
-            np.clip(idx, 0, len(self.table) - 1, out=idx)
-            return self.table[idx]
-        pos = np.clip(np.searchsorted(self.s, at), 0, len(self.s) - 1)
-        return np.where(self.s[pos] == at, self.f[pos], -1).astype(np.int32)
-
-
-def _update_cells(summary: dict, rows: list[dict], tensors: pa.Table, lookup: _StepLookup, F: int) -> np.ndarray:
-    """Layers x frames: log10(sqrt(sum ||ΔW||²) / sqrt(sum ||W||²)) over the layer's tensors and the
-    frame's recorded steps (one step: that step's update ratio); NaN where nothing was measured,
-    -inf for an update of exactly 0."""
-    P, R = len(summary["params"]), len(rows)
-    index = {}
-    for i, p in enumerate(summary["params"]):
-        for n in [p["name"], *(p.get("aliases") or [])]:
-            index[n] = i
-    row_at = np.full(P + 2, -1, dtype=np.int64)      # tensor -> layer row, a -1 slot either side
-    for r, row in enumerate(rows):
-        row_at[[index[n] + 1 for n in row["params"] if n in index]] = r
-    cnt = np.zeros(R * F, dtype=np.int64)
-    upd = np.zeros(R * F)
-    par = np.zeros(R * F)
-    for a in range(0, tensors.num_rows if R and F else 0, _ROWS):
-        t = tensors.slice(a, _ROWS)
-        at = np.clip(stored_column(t, "tensor").astype(np.int64), -1, P) + 1
-        layer = row_at[at]
-        frame = lookup(stored_column(t, "step").astype(np.int64))
-        un, pn = stored_column(t, "update_norm"), stored_column(t, "param_norm")
-        ok = (layer >= 0) & (frame >= 0) & np.isfinite(un) & np.isfinite(pn)
-        key = layer[ok] * F + frame[ok]
-        cnt += np.bincount(key, minlength=R * F)
-        upd += np.bincount(key, np.square(un[ok], dtype=np.float64), minlength=R * F)
-        par += np.bincount(key, np.square(pn[ok], dtype=np.float64), minlength=R * F)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        values = np.where((cnt > 0) & (par > 0), 0.5 * (np.log10(upd) - np.log10(par)), np.nan)
-    return values.reshape(R, F).astype(np.float32)
-
-
 def _group_lrs(summary: dict, steps: pa.Table, rows: np.ndarray) -> tuple[list[int], list[str], np.ndarray]:
     """Global group indices, their names, and groups x frames: the lr each group had at the
     frame's first step (NaN where its optimizer did not step there)."""
@@ -300,7 +244,7 @@ def _group_lrs(summary: dict, steps: pa.Table, rows: np.ndarray) -> tuple[list[i
     return gi.tolist(), [groups[g][1] for g in gi.tolist()], out.astype(np.float32)
 
 
-def _last_loss(scalars: pa.Table, lookup: _StepLookup, F: int, name: str = "loss") -> np.ndarray | None:
+def _last_loss(scalars: pa.Table, frame_of_step, F: int, name: str = "loss") -> np.ndarray | None:
     if scalars is None or scalars.num_rows == 0:
         return None
     sel = scalars.filter(pc.equal(scalars.column("name"), name))
@@ -309,7 +253,7 @@ def _last_loss(scalars: pa.Table, lookup: _StepLookup, F: int, name: str = "loss
     step = sel.column("step").to_numpy(zero_copy_only=False).astype(np.int64)
     value = sel.column("value").to_numpy(zero_copy_only=False).astype(np.float64)
     order = np.argsort(step, kind="stable")
-    frame, value = lookup(step[order]), value[order]
+    frame, value = frame_of_step(step[order]), value[order]
     ok = frame >= 0
     frame, value = frame[ok], value[ok]
     out = np.full(F, np.nan, dtype=np.float32)
@@ -318,32 +262,44 @@ def _last_loss(scalars: pa.Table, lookup: _StepLookup, F: int, name: str = "loss
     return out
 
 
-def timeline(summary: dict, steps: pa.Table, tensors: pa.Table, scalars: pa.Table) -> dict:
+def frames(summary: dict, steps: pa.Table) -> dict:
+    """The scrubber's frames over the step table's distinct steps: `index` (a StepIndex), the
+    layers, F, each frame's first and last position, and the frame of every position."""
+    rows, _ = summary_layers(summary)
+    index = StepIndex(steps)
+    n = len(index)
+    k = frame_budget(n, len(rows))
+    lo = _frame_starts(index.stage if n else np.zeros(0, np.int64), k)
+    F = len(lo)
+    hi = np.r_[lo[1:], n] - 1
+    frame_of_pos = np.repeat(np.arange(F), np.diff(np.r_[lo, n]))
+    return {"rows": rows, "index": index, "F": F, "lo": lo, "hi": hi, "frame_of_pos": frame_of_pos}
+
+
+def timeline(summary: dict, steps: pa.Table, tensors, scalars: pa.Table, *, update: np.ndarray | None = None,
+             fr: dict | None = None) -> dict:
     """The step scrubber's data (docs/report.md, "Step scrubber"): frames (every step, or bins of
     consecutive steps of one stage beyond the frame budget) as parallel arrays, each layer's
     update size and each group's lr per frame, the last loss logged in each frame, epoch ticks and
-    stage events."""
-    rows, _ = summary_layers(summary)
-    step = steps.column("step").to_numpy(zero_copy_only=False).astype(np.int64)
-    order = np.argsort(step, kind="stable")
-    first = np.r_[True, step[order][1:] != step[order][:-1]] if len(order) else np.zeros(0, bool)
-    order = order[first]                                         # one row per step number
-    s_sorted = step[order]
-    stage = steps.column("stage").fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)[order]
-    k = frame_budget(len(s_sorted), len(rows))
-    lo = _frame_starts(stage, k)
-    F = len(lo)
-    hi = np.r_[lo[1:], len(s_sorted)] - 1
-    frame_of_pos = np.repeat(np.arange(F), np.diff(np.r_[lo, len(s_sorted)]))
-    lookup = _StepLookup(s_sorted, frame_of_pos)
-    update = _update_cells(summary, rows, tensors, lookup, F)
-    groups, names, lr = _group_lrs(summary, steps, order[lo])
+    stage events. `tensors`: the tensors table or a stored run (read block by block); `update`
+    and `fr`: the layers x frames cells of `heatmap.aggregate` and the `frames` they were summed
+    over, when already computed."""
+    fr = frames(summary, steps) if fr is None else fr
+    rows, index, F, lo, hi = fr["rows"], fr["index"], fr["F"], fr["lo"], fr["hi"]
+    s_sorted, stage = index.steps, index.stage
+    if update is None:
+        update = aggregate(summary, steps, tensors, layer_rows=rows, frame_of_pos=fr["frame_of_pos"],
+                           F=F).get("timeline")
+    if update is None:                                           # no layers or no frames
+        update = np.full((len(rows), F), np.nan, dtype=np.float32)
+    groups, names, lr = _group_lrs(summary, steps, index.order[lo])
     f_step = s_sorted[lo]
     epoch, batch = ([int(x) or None for x in a.tolist()] for a in step_context(summary, f_step))
     finite = update[np.isfinite(update)]
     binned = F < len(s_sorted)
     labels = group_labels(summary)
-    loss = _last_loss(scalars, lookup, F)
+    f_at = np.r_[-1, fr["frame_of_pos"].astype(np.int32)]
+    loss = _last_loss(scalars, lambda at: f_at[index(at).astype(np.int64) + 1], F)
     if binned:
         note = (f"{len(s_sorted):,} steps shown as {F:,} frames of about {len(s_sorted) / max(F, 1):.0f} consecutive "
                 "steps of one stage each; a frame's update size pools the steps recorded in it")

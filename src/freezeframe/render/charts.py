@@ -240,6 +240,11 @@ def _step_range(stages: list[dict]) -> list[float] | None:
     return [known[0]["first_step"] - 0.5, known[-1]["last_step"] + 0.5] if known else None
 
 
+def _sub(note: str | None) -> str:
+    """A figure's second title line saying how its data was downsampled (none: nothing was)."""
+    return f"<br><sup>{e(note)}</sup>" if note else ""
+
+
 def lr_figure(lr: dict, timeline: dict | None = None) -> dict:
     """One line per layer group and stage. Groups of one stage that share an lr are drawn with
     decreasing widths and their own dash, so every one stays visible, and the stage says so."""
@@ -278,7 +283,8 @@ def lr_figure(lr: dict, timeline: dict | None = None) -> dict:
         notes.append({"x": float(np.median(steps)), "y": 0.02, "xref": "x", "yref": "paper", "yanchor": "bottom",
                       "showarrow": False, "text": f"one lr for {groups}", "font": {"size": 10, "color": "#555"}})
     return {"data": traces,
-            "layout": _layout("Learning rate of every layer group at every step (log scale)", 440, shapes=shapes,
+            "layout": _layout("Learning rate of every layer group at every step (log scale)" + _sub(lr.get("note")), 440,
+                              shapes=shapes,
                               annotations=notes, yaxis={"type": "log", "title": {"text": "learning rate"},
                                                         "exponentformat": "power"},
                               xaxis=dict(STEP_AXIS), margin={"l": 70, "r": 30, "t": 120, "b": 50},
@@ -369,7 +375,8 @@ def loss_figure(ls: dict, stages: list[dict], boundaries: list[float], timeline:
         traces.append(trace)
     shapes, notes = time_decor(stages, boundaries, timeline, shade=True)
     return {"data": traces,
-            "layout": _layout(f"{e(ls['name'])} per step, as logged (stages shaded)", 400, shapes=shapes,
+            "layout": _layout(f"{e(ls['name'])} per step, as logged (stages shaded)" + _sub(ls.get("note")), 400,
+                              shapes=shapes,
                               annotations=notes, showlegend=False, yaxis={"title": {"text": e(ls["name"])}},
                               xaxis=dict(STEP_AXIS), margin={"l": 70, "r": 30, "t": 120, "b": 50})}
 

@@ -52,6 +52,32 @@ def _typed_array(a: np.ndarray) -> dict | list:
     return out
 
 
+QUANTIZE_CELLS = 100_000  # a scrubber grid larger than this goes into the page as 16-bit codes (docs/report.md)
+_Q_NEG_INF, _Q_POS_INF, _Q_NAN = 0, 65534, 65535  # codes 1..65533 span [lo, hi] evenly
+
+
+def quantized(a: np.ndarray) -> dict:
+    """A float grid as 16-bit codes, {dtype: "u2", bdata, shape, q: [lo, step]}: value = lo +
+    (code - 1) * step, off by at most step / 2 = (hi - lo) / 131,064 (of log10 values spanning 14
+    decades: 0.025 % of the ratio); NaN and ±inf keep codes of their own. Half the bytes of float32."""
+    a = np.asarray(a, dtype=np.float64)
+    finite = np.isfinite(a)
+    lo, hi = (float(a[finite].min()), float(a[finite].max())) if finite.any() else (0.0, 0.0)
+    step = (hi - lo) / (_Q_POS_INF - 2) or 1.0
+    codes = np.full(a.shape, _Q_NAN, dtype=np.uint16)
+    codes[finite] = 1 + np.rint((a[finite] - lo) / step).astype(np.uint16)
+    codes[a == -np.inf] = _Q_NEG_INF
+    codes[a == np.inf] = _Q_POS_INF
+    return {**_typed_array(codes), "q": [lo, step]}
+
+
+def _page_timeline(timeline: dict | None) -> dict | None:
+    """The timeline as the page carries it: a large update grid quantized (`quantized`)."""
+    if not timeline or not isinstance(timeline.get("update"), np.ndarray) or timeline["update"].size <= QUANTIZE_CELLS:
+        return timeline
+    return {**timeline, "update": quantized(timeline["update"])}
+
+
 def _plain(x):
     if isinstance(x, np.ndarray):
         return _typed_array(x)
@@ -140,6 +166,14 @@ BOOT = """
       var bin = atob(v.bdata), bytes = new Uint8Array(bin.length);
       for (var i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
       var flat = new T[v.dtype](bytes.buffer), dims = v.shape ? String(v.shape).split(',').map(Number) : [flat.length];
+      if (v.q) {  // 16-bit codes of a float grid (render/html.py quantized): 0 -inf, 65534 +inf, 65535 NaN
+        var vals = new Float32Array(flat.length);
+        for (var j = 0; j < flat.length; j++) {
+          var c = flat[j];
+          vals[j] = c === 65535 ? NaN : c === 0 ? -Infinity : c === 65534 ? Infinity : v.q[0] + (c - 1) * v.q[1];
+        }
+        flat = vals;
+      }
       if (dims.length < 2) return flat;
       var rows = [];
       for (var r = 0; r < dims[0]; r++) rows.push(flat.subarray(r * dims[1], (r + 1) * dims[1]));
@@ -201,7 +235,7 @@ def render_html(run, *, data: dict | None = None, depth: int | None = None) -> s
     shown = [n for n in ("answers", "layers", "between", *SECTIONS, "epochs", "bn", "glossary")
              if any(f'<section id="{n}"' in s for s in sections)]
     nav = "".join(f'<a href="#{n}">{TITLES.get(n) or SECTIONS[n][0]}</a>' for n in shown)
-    payload = script_json({"order": list(figs), "figures": figs, "timeline": data.get("timeline")})
+    payload = script_json({"order": list(figs), "figures": figs, "timeline": _page_timeline(data.get("timeline"))})
     return "".join([
         "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>",
         '<meta name=viewport content="width=device-width, initial-scale=1">',

@@ -63,7 +63,7 @@ def _layer_view(run, summary: dict) -> str:
 
     stored = run._stored
     data = {"layer_view": layer_view(summary),
-            "timeline": timeline(summary, stored.steps, stored.tensors, stored.scalars)}
+            "timeline": timeline(summary, stored.steps, stored, stored.scalars)}   # tensors streamed
     return layers_section(data)
 
 
