@@ -3,9 +3,18 @@ version counters in between, and buffers written outside forward passes."""
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from . import metrics
+
+# one C-level pass over a tensor list (no Python loop): the step path runs these on every step
+_version_of = operator.attrgetter("_version")
+
+
+def versions(tensors: list) -> list[int]:
+    return list(map(_version_of, tensors))
 
 
 class BoundaryTracker:
@@ -30,8 +39,8 @@ class BoundaryTracker:
         self.baseline = self.hash_all()
         self.end_known = True              # the baseline is at or after the last applied step
         self._written: dict[int, str] = {}
-        self._buf_versions = [b._version for b in buffers]
-        self._param_versions = [p._version for p in params]
+        self._buf_versions = versions(buffers)
+        self._param_versions = versions(params)
         self.buffer_copies = metrics.snapshot(buffers)
         self.start_versions: list[int] | None = None  # param versions at the current stage's start
 
@@ -42,29 +51,33 @@ class BoundaryTracker:
         P = first
         self.baseline = (self.baseline[:P] + metrics.content_hashes(new, threads=self.threads, agree=self.agree)
                          + self.baseline[P:])
-        self._param_versions = self._param_versions[:P] + [p._version for p in new]
+        self._param_versions = self._param_versions[:P] + versions(new)
 
     def hash_all(self) -> list[str]:
         return metrics.content_hashes(self.params + self.buffers, threads=self.threads, agree=self.agree)
 
     def detect_buffer_writes(self) -> None:
-        versions = [b._version for b in self.buffers]
-        if versions == self._buf_versions:  # the usual case, checked at C speed
+        if not self.buffers:
             return
-        for b, (v, v0) in enumerate(zip(versions, self._buf_versions)):
+        now = versions(self.buffers)
+        if now == self._buf_versions:  # the usual case, checked at C speed
+            return
+        for b, (v, v0) in enumerate(zip(now, self._buf_versions)):
             if v != v0:
                 self._written[b] = metrics.content_hash(self.buffers[b])
-        self._buf_versions = versions
+        self._buf_versions = now
 
     def after_forward(self) -> None:
-        self._buf_versions = [b._version for b in self.buffers]
+        if self.buffers:
+            self._buf_versions = versions(self.buffers)
 
     def after_step(self) -> None:
-        self._param_versions = [p._version for p in self.params]
+        self._param_versions = versions(self.params)
         if self.buffers:
             torch._foreach_copy_(self.buffer_copies, self.buffers)
-            self._buf_versions = [b._version for b in self.buffers]
-        self._written.clear()
+            self._buf_versions = versions(self.buffers)
+        if self._written:
+            self._written.clear()
         self.end_known = False
 
     def known_end(self, held=frozenset(), start_hashes=None) -> tuple[list[str], list[int], list[int]]:
@@ -78,7 +91,7 @@ class BoundaryTracker:
         self.baseline = now
         self.end_known = True
         self._written.clear()
-        self._buf_versions = [b._version for b in self.buffers]
+        self._buf_versions = versions(self.buffers)
         return self.baseline, wp, wb
 
     def discovered_end(self, now_params: list[str], held=frozenset(), start_hashes=None
@@ -100,12 +113,12 @@ class BoundaryTracker:
     def start(self, now_params: list[str]) -> list[str]:
         """A stage's start: params as they are now; buffers as at the baseline unless written since."""
         P = len(self.params)
-        self.start_versions = [p._version for p in self.params]
+        self.start_versions = versions(self.params)
         return now_params + [self._written.get(b, self.baseline[P + b]) for b in range(len(self.buffers))]
 
     # ------------------------------------------------------------------ writes outside a step
     def _versions_moved(self) -> list[bool]:
-        return [p._version != v0 for p, v0 in zip(self.params, self._param_versions)]
+        return list(map(operator.ne, versions(self.params), self._param_versions))
 
     def _unstepped_hash(self, i: int, held, start_hashes) -> str | None:
         """The bytes of param i after the last applied step, when they are known although its

@@ -131,6 +131,7 @@ class ModelChanges:
         tensors = self._params[first:]
         self._grad_flags = np.concatenate([self._grad_flags, [int(t.grad is not None) for t in tensors]]).astype(np.uint8)
         self._hooked = np.concatenate([self._hooked, np.zeros(len(tensors), dtype=bool)])
+        self._note_unhooked()
         self._bounds.grow(first)
         hashes = self._bounds.baseline[first:self._P]  # their bytes now: the bytes their W_ref must have
         if self._reference_hashes is not None:
