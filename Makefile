@@ -39,11 +39,12 @@ test: venv browser
 demo: venv
 	$(VENV)/bin/freezeframe demo
 
-# The overhead of watching (freezeframe and its peers), the report's cost at scale, and the
-# memory/disk a watched large model costs; each writes its tables into docs/benchmarks.md.
-# Not part of `make test`.
+# The overhead of watching (freezeframe and its peers), the recorder's cost per step against the
+# tensor count, the report's cost at scale, and the memory/disk a watched large model costs; each
+# writes its tables into docs/benchmarks.md (benchmarks/README.md). Not part of `make test`.
 bench: venv
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/step_cost.py
 	$(PY) benchmarks/report_scaling.py
 	$(PY) benchmarks/cost_scale.py
 

@@ -43,6 +43,16 @@ class Attached:
     written: Callable[[], dict] | None = None      # bytes written, read after close (instead of run_dir)
 
 
+@dataclass
+class Instrument:
+    """A row of the overhead benchmark: what is attached to model B, and how its rows are shown."""
+
+    name: str                # the row's name
+    attach: Callable[[nn.Module, torch.optim.Optimizer, Path], Attached]
+    family: str              # the column of the side-by-side table (overhead_tables.FAMILIES)
+    peer: bool = False       # a peer: its rows are skipped (with the reason) when it cannot run
+
+
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 

@@ -1,4 +1,5 @@
-"""Tables, verdicts and docs/benchmarks.md for the overhead benchmark (benchmarks/overhead.py)."""
+"""Tables and docs/benchmarks.md for the overhead benchmark (benchmarks/overhead.py; its verdict lines
+are in overhead_verdicts.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 MiB = 1024 * 1024
 
 # Other scripts own these blocks of docs/benchmarks.md (benchmarks/report_scaling.py,
-# benchmarks/cost_scale.py): kept verbatim.
-KEEP = [("<!-- report-scaling:begin -->", "<!-- report-scaling:end -->"),
+# benchmarks/cost_scale.py, benchmarks/step_cost.py): kept verbatim.
+KEEP = [("<!-- step-cost:begin -->", "<!-- step-cost:end -->"),
+        ("<!-- report-scaling:begin -->", "<!-- report-scaling:end -->"),
         ("<!-- cost-scale:begin -->", "<!-- cost-scale:end -->")]
 
 # Columns of the side-by-side table: instrument family → how its rows are named.
@@ -47,7 +49,7 @@ def _models(results: list[dict]) -> list[str]:
 
 # --------------------------------------------------------------------------- per-case tables
 TIME_HEADERS = ["model", "instrument", "every", "pairs", "plain ms", "ratio", "95 % CI", "median/step", "mean",
-                "IQR/block", "CPU ratio"]
+                "IQR/block", "CPU ratio", "measured"]
 MEMORY_HEADERS = ["model", "instrument", "RSS +MiB", "heap +MiB", "peak +MiB", "analytic MiB", "B/row (log)",
                   "rows", "close s"]
 
@@ -55,7 +57,7 @@ MEMORY_HEADERS = ["model", "instrument", "RSS +MiB", "heap +MiB", "peak +MiB", "
 def time_rows(results: list[dict]) -> list[list[str]]:
     return [[_model(r), r["instrument"], str(r["every"]), str(r["pairs"]), f"{r['step_ms_plain_median']:.2f}",
              _ratio_cell(r), _rng(r["ci95"]), f"{r['ratio_median_steps']:.3f}", f"{r['ratio_mean']:.3f}",
-             _rng(r["per_block_iqr"]), f"{r['cpu_ratio']:.3f}"] for r in results]
+             _rng(r["per_block_iqr"]), f"{r['cpu_ratio']:.3f}", r.get("measured") or "—"] for r in results]
 
 
 def memory_rows(results: list[dict]) -> list[list[str]]:
@@ -117,63 +119,6 @@ def _bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-# --------------------------------------------------------------------------- verdicts
-def _cmp(ours: dict, peer: dict) -> str:
-    below = ours["ratio"] < peer["ratio"]
-    overlap = ours["ci95"][1] >= peer["ci95"][0] and peer["ci95"][1] >= ours["ci95"][0]
-    word = "below" if below else "NOT below"
-    if overlap:
-        word += " (95 % CIs overlap: not a clear difference)"
-    return (f"{ours['instrument']} {ours['ratio']:.3f}× (CPU {ours['cpu_ratio']:.3f}×) vs {peer['instrument']} "
-            f"{peer['ratio']:.3f}× (CPU {peer['cpu_ratio']:.3f}×): {word}")
-
-
-def _times(x: float) -> str:
-    return f"{x:.1f}×" if x < 10 else f"{x:.0f}×"
-
-
-def verdicts(results: list[dict]) -> list[str]:
-    out = []
-    for r in results:
-        if not r["workload"].startswith("ResNet-18"):
-            continue
-        if r["instrument"].startswith("freezeframe default"):
-            ok = r["ratio"] <= 1.03
-            out.append(f"ResNet-18, freezeframe default: {100 * (r['ratio'] - 1):+.1f} % "
-                       f"(mean {100 * (r['ratio_mean'] - 1):+.1f} %), budget ≤ 3 %: {'met' if ok else 'NOT met'}")
-        elif r["instrument"] == "freezeframe every=1":
-            ok = r["ratio"] <= 1.3
-            out.append(f"ResNet-18, freezeframe every=1: {r['ratio']:.3f}× (mean {r['ratio_mean']:.3f}×), "
-                       f"budget ≤ 1.3×: {'met' if ok else 'NOT met'}")
-    for model in _models(results):
-        rs = [r for r in results if _model(r) == model]
-        every1 = next((r for r in rs if r["instrument"] == "freezeframe every=1"), None)
-        default = next((r for r in rs if r["instrument"].startswith("freezeframe default")), None)
-        floor = next((r for r in rs if r["instrument"].startswith("floor")), None)
-        if every1 and floor:
-            gap = every1["ratio"] - floor["ratio"]
-            close = gap <= 0.05 + 0.1 * (floor["ratio"] - 1)  # within 5 points + 10 % of the floor's own cost
-            out.append(f"{model}, every step: freezeframe every=1 {every1['ratio']:.3f}× vs the floor "
-                       f"{floor['ratio']:.3f}×: {'close to the floor' if close else 'NOT close to the floor'} "
-                       f"({100 * gap:+.1f} points)")
-        for peer in (r for r in rs if r.get("peer")):
-            if peer["every"] != 1 and peer.get("recorded_in_loop") == 0:
-                out.append(f"{model}, sparse: no verdict for {peer['instrument']}: its measured pairs hold "
-                           "no recorded step (the time cap came first)")
-            elif peer["every"] == 1 and every1:
-                out.append(f"{model}, every step: {_cmp(every1, peer)}")
-            elif peer["every"] != 1 and default:
-                note = ""
-                if default["every"] and default["every"] < peer["every"]:
-                    note = (f" — freezeframe records {_times(peer['every'] / default['every'])} as often "
-                            f"(every {default['every']} vs every {peer['every']})")
-                elif default["every"] and default["every"] > peer["every"]:
-                    note = (f" — freezeframe records {_times(default['every'] / peer['every'])} less often "
-                            f"(every {default['every']} vs every {peer['every']})")
-                out.append(f"{model}, sparse: {_cmp(default, peer)}{note}")
-    return out
-
-
 # --------------------------------------------------------------------------- console
 def print_tables(results: list[dict]) -> None:
     tables = [("Overhead per training step: watched / plain, interleaved, writer drained", TIME_HEADERS,
@@ -219,7 +164,8 @@ NOTES = """\
   (`wandb-core`) is added to the watched model's. **pairs**: measured pairs (a case stops early,
   after at least 30, once its timed loop passes `--max-seconds`; an instrument that makes a step very
   slow stops after at least 12 once it passes 1.5 × `--max-seconds`; a peer recording every N steps
-  at half the cap once two recorded steps are in).
+  at half the cap once two recorded steps are in). **measured**: the date the row was measured
+  (`overhead.py --only freezeframe,floor` re-measures those rows and keeps the others as they were).
 - **(sched., k rec.)**: a peer recording every N steps whose N-step blocks do not fit 8 times in the
   time cap (e.g. every 100 steps of a ResNet-18). The benchmark knows which of the watched model's
   steps record (the peer's schedule), so the ratio is the schedule-weighted mean, (1 × mean recorded
@@ -281,13 +227,17 @@ def write_markdown(path: Path, results: list[dict], meta: dict, absent: dict[str
     lines = [
         "# Benchmarks", "",
         "Generated by `make bench` (`.venv/bin/python benchmarks/overhead.py`); regenerate with the same command.", "",
-        f"- Date: {meta['date']}",
+        f"- Date: {meta['date']}" + (
+            f" (the rows selected by `--only {meta['remeasured']}`; the others are kept from "
+            f"`benchmarks/results/{meta['kept_from']}`, each row's date in its **measured** column)"
+            if meta.get("kept_from") else ""),
         f"- Machine: {m['cores']} cores ({m['cpu']}), torch {m['torch']} with {m['torch_threads']} threads, "
         f"Python {m['python']}, {m['platform']}",
         f"- freezeframe {m['freezeframe']}; peers: {meta.get('peers') or 'none'}; load average at start "
         f"{meta['load_start']}, at end {meta['load_end']} "
         "(the machine is shared: other processes' CPU use is noise that the interleaving spreads over both models)",
-        f"- Total benchmark time: {meta['elapsed_s']:.0f} s", "",
+        f"- Total benchmark time: {meta['elapsed_s']:.0f} s" + (" (of this re-measure)" if meta.get("kept_from") else ""),
+        "",
         "## Overhead per training step", "",
         *_md_table(TIME_HEADERS, time_rows(results)), "",
         "## Memory and bytes written", "",
