@@ -24,15 +24,6 @@ def _col(table: pa.Table, name: str, dtype=np.float64) -> np.ndarray:
     return arr.fill_null(-1).to_numpy(zero_copy_only=False).astype(dtype)
 
 
-def stored_column(table: pa.Table, name: str) -> np.ndarray:
-    """A column as numpy in its stored type (float32 stays float32): nulls as NaN (floats) or -1
-    (ints), copied only where Arrow's layout requires it."""
-    arr = table.column(name)
-    if pa.types.is_integer(arr.type) and arr.null_count:
-        arr = arr.fill_null(-1)
-    return arr.to_numpy(zero_copy_only=False)
-
-
 class StageLookup:
     """The stage (int32) of a step, -1 where no step row has that step. Of equal steps, the first
     in np.argsort(step) order counts (the row a left searchsorted finds). Built once per run: a
