@@ -158,7 +158,8 @@ def generate(n_tensors: int, n_steps: int, every: int, case_dir: Path) -> dict:
             for s in range(s_lo, s_hi):
                 i = s - a
                 recorded = bool(rec_set[i])
-                cols.add_step(s, k, 0, 0, t0 + (s + 1) * dt_step, recorded, lr[i].tolist(), mom[i].tolist(), wd, mask)
+                cols.add_step(s, k, 0, 0, t0 + (s + 1) * dt_step, recorded,
+                              list(zip(lr[i].tolist(), mom[i].tolist(), wd)), mask)
                 if recorded:
                     cols.add_tensors(s, idx32, (gn[r], None), (un[r], None), (pn[r], None), (dr[r], None))
                     r += 1

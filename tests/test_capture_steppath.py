@@ -211,3 +211,40 @@ def test_an_unrecorded_step_runs_no_python_line_per_tensor(tmp_path):
     large = _lines_in_one_unrecorded_step(200, tmp_path / "large")
     assert small > 0
     assert large == small, (small, large)
+
+
+def test_repeated_gradient_patterns_and_a_replaced_tensor_keep_exact_bits(run_dir):
+    """The step reuses the previous step's gradient mask when the same tensors got gradients
+    (docs/recording.md, "The step path"): runs of equal patterns, a change back and forth, and a
+    tensor replaced under its name (its gradient, present before the step, marked without a
+    hook) still give the bits and grad_steps a count by hand gives. The manifest, whose model
+    lists are encoded once and again after the change, is what `json.dumps` writes for it."""
+    model = chain(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(2, 4)
+    last_only, all_six = [0, 0, 0, 0, 1, 1], [1] * 6
+    expected_bits = []
+    with freezeframe.watch(model, opt, run_dir, every=10**9):
+        for pattern in [all_six] * 3 + [last_only] * 3 + [all_six] * 2 + [last_only]:
+            opt.zero_grad()
+            (model(x) if pattern is all_six else model[2](x)).sum().backward()
+            expected_bits.append(pattern)
+            opt.step()
+        first_bits = len(expected_bits)
+        # the last layer's weight replaced under its name between two steps, and handed to the
+        # optimizer in a new list (the step sees the group change and looks at the model)
+        model[2].weight = nn.Parameter(model[2].weight.detach().clone())
+        opt.param_groups[0]["params"] = list(model.parameters())
+        for pattern in [all_six] * 3:
+            opt.zero_grad()
+            model(x).sum().backward()
+            expected_bits.append(pattern)
+            opt.step()
+    assert grads_bits(run_dir, 6) == expected_bits
+    stages = manifest(run_dir)["stages"]
+    assert [s["steps"] for s in stages] == [first_bits, 3]
+    assert stages[0]["grad_steps"] == np.sum(expected_bits[:first_bits], axis=0).tolist()
+    assert stages[1]["grad_steps"] == [3] * 6
+    text = (run_dir / "manifest.json").read_text()
+    assert text == json.dumps(json.loads(text))
+    assert stages[1]["model_changes"]["replaced"] == ["2.weight"]

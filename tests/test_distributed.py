@@ -69,6 +69,7 @@ import freezeframe
 import freezeframe.capture.metrics as metrics
 import freezeframe.hashing as hashing
 from freezeframe.capture.boundaries import BoundaryTracker
+from freezeframe.capture.layerorder import LayerOrder
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--modes", nargs="+", choices=["single", "ddp", "fsdp"], required=True)
@@ -171,7 +172,8 @@ CASES = {
     "hash-init": (hashing, "_digest", 2),            # hashing the start state inside watch()
     "hash-stage": (hashing, "_digest", 8),           # between two gathers, hashing stage 0's start
     "norms": (metrics, "distances_into", 3),         # step 2's local norms, before the cross-rank sum
-    "forward": (BoundaryTracker, "after_forward", 4),  # a forward hook: outside any collective
+    "forward": (LayerOrder, "pass_begins", 4),      # the forward pre-hook: outside any collective
+    # (the net has no buffer: its forward post-hook is gone after the first step, docs/recording.md)
     "late": (BoundaryTracker, "after_step", 12),     # step 11, after the agreement on `every`
 }
 

@@ -14,6 +14,19 @@ def _floats(values: list) -> list:
     return [None if v is None or v != v else v for v in values]  # NaN -> null
 
 
+def _step_columns(rows: list[tuple]) -> dict[str, list]:
+    """The step tuples (Columns.add_step) as the steps table's columns (docs/run-format.md)."""
+    if not rows:
+        return {name: [] for name in layout.STEPS_SCHEMA.names}
+    step, stage, session, optimizer, time, recorded, hypers, grads = (list(c) for c in zip(*rows))
+    return {"step": step, "stage": stage, "session": session, "optimizer": optimizer, "time": time,
+            "recorded": recorded,
+            "lr": [_floats([h[0] for h in hs]) for hs in hypers],
+            "momentum": [_floats([h[1] for h in hs]) for hs in hypers],
+            "weight_decay": [_floats([h[2] for h in hs]) for hs in hypers],
+            "grads": grads}
+
+
 class Columns:
     """Thread-safe: the training thread adds rows, the writer thread may take them."""
 
@@ -23,26 +36,16 @@ class Columns:
         self._reset()
 
     def _reset(self) -> None:
-        self.steps: dict[str, list] = {name: [] for name in layout.STEPS_SCHEMA.names}
+        self.steps: list[tuple] = []  # one tuple per step; columns are built at take()
         self.tensors: list[tuple] = []
         self.scalars: dict[str, list] = {name: [] for name in layout.SCALARS_SCHEMA.names}
 
-    def add_step(self, step, stage, session, optimizer, time, recorded, lr, momentum, wd, grads) -> None:
+    def add_step(self, step, stage, session, optimizer, time, recorded, hypers, grads) -> None:
+        """`hypers`: (lr, momentum, weight_decay, ...) per param group, as applied by the step
+        (OptimizerView.hypers); `grads`: the packed gradient mask. One tuple per step: the
+        columns are built when the rows leave (a step pays one append)."""
         with self._lock:
-            self._add_step(step, stage, session, optimizer, time, recorded, lr, momentum, wd, grads)
-
-    def _add_step(self, step, stage, session, optimizer, time, recorded, lr, momentum, wd, grads) -> None:
-        s = self.steps
-        s["step"].append(step)
-        s["stage"].append(stage)
-        s["session"].append(session)
-        s["optimizer"].append(optimizer)
-        s["time"].append(time)
-        s["recorded"].append(recorded)
-        s["lr"].append(_floats(lr))
-        s["momentum"].append(_floats(momentum))
-        s["weight_decay"].append(_floats(wd))
-        s["grads"].append(grads)
+            self.steps.append((step, stage, session, optimizer, time, recorded, hypers, grads))
 
     def add_tensors(self, step: int, tensor: np.ndarray, *metrics: tuple[np.ndarray, np.ndarray | None]) -> None:
         """`metrics`: (values, measured) for grad_norm, update_norm, param_norm, drift; a value
@@ -61,7 +64,7 @@ class Columns:
         with self._lock:
             steps_cols, tensor_rows, scalar_cols = self.steps, self.tensors, self.scalars
             self._reset()
-        steps = pa.Table.from_pydict(steps_cols, schema=layout.STEPS_SCHEMA)
+        steps = pa.Table.from_pydict(_step_columns(steps_cols), schema=layout.STEPS_SCHEMA)
         scalars = pa.Table.from_pydict(scalar_cols, schema=layout.SCALARS_SCHEMA)
         if tensor_rows:
             cols = list(zip(*tensor_rows))

@@ -92,6 +92,7 @@ class ModelChanges:
         gone = [n for n in gone if n not in self._seen_gone]
         if not (replaced or new or gone):
             return
+        self._model_changed()  # the manifest's model lists are encoded anew (capture/handover.py)
         self._seen_new.update(new)
         self._seen_gone.update(gone)
         self._capture_end("next_stage")  # the old tensors' end, before they are let go
@@ -104,6 +105,7 @@ class ModelChanges:
             for i in rebound:  # a new tensor holds a gradient only if a backward reached it since
                 if self._params[i].grad is not None:
                     self._grad_flags[i] = 1
+                    self._flags_set = True
             self._hook_new_trainable()
             self._req_flags = None
             self._layout = build_layout(self._views, self._index_of, self._P)
@@ -130,6 +132,8 @@ class ModelChanges:
         self._P = len(self._params)
         tensors = self._params[first:]
         self._grad_flags = np.concatenate([self._grad_flags, [int(t.grad is not None) for t in tensors]]).astype(np.uint8)
+        self._flags_set = bool(self._grad_flags.any())
+        self._mask_keys = None  # the tensor count changed: the fast path's mask is built anew
         self._hooked = np.concatenate([self._hooked, np.zeros(len(tensors), dtype=bool)])
         self._note_unhooked()
         self._bounds.grow(first)

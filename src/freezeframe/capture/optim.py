@@ -12,8 +12,8 @@ from ..errors import FreezeFrameError
 
 
 def _num(v) -> float | None:
-    if v is None:
-        return None
+    if type(v) is float or v is None:  # the usual hyperparameter, read on every step
+        return v
     if isinstance(v, torch.Tensor):
         if v.numel() != 1:
             return None

@@ -21,8 +21,10 @@ class PassHooks:
       passes, the children's hooks are removed (a plain PyTorch loop pays for them on its first
       step only)."""
 
-    def __init__(self, model: nn.Module, on_pre, on_post, wrap):
+    def __init__(self, model: nn.Module, on_pre, on_post, wrap, post_needed: bool = True):
         self._on_pre, self._on_post = on_pre, on_post
+        self._post_needed = post_needed  # on_post does work (buffers to follow); else the root's
+        # post-hook only tracks the depth the children's hooks need, and goes with them
         self._depth = 0              # root forwards in progress
         self._root_graded = False    # the root ran with autograd on since the last step
         self._entry: nn.Module | None = None
@@ -64,8 +66,11 @@ class PassHooks:
         """An optimizer step applied: if the root carried its training passes, the children's
         hooks are no longer needed."""
         self._depth = 0  # a forward that raised never ran its post-hook
-        if self.child_handles and self._root_graded:
-            self.remove_children()
+        if self._root_graded:
+            if self.child_handles:
+                self.remove_children()
+            if not self._post_needed and len(self.handles) == 2:
+                self.handles.pop().remove()  # the root's forward post-hook
         self._root_graded = False
 
     def remove_children(self) -> None:

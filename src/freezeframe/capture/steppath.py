@@ -31,7 +31,8 @@ class StepPath:
         do no tensor arithmetic and skip the switch: they run on every forward pass)."""
         if self._dead:
             return None
-        t0 = time.perf_counter()
+        timing = self.sampler.every is None  # own time matters only while `every` is calibrated
+        t0 = time.perf_counter() if timing else 0.0
         was = torch.is_grad_enabled() if grad_off else False
         if was:
             torch._C._set_grad_enabled(False)
@@ -43,7 +44,8 @@ class StepPath:
         finally:
             if was:
                 torch._C._set_grad_enabled(True)
-            self._own_s += time.perf_counter() - t0
+            if timing:
+                self._own_s += time.perf_counter() - t0
 
     def _hook_pre_step(self, j, optimizer, args, kwargs):
         self._guard("the optimizer step pre-hook", self._pre_step, j)
@@ -152,22 +154,35 @@ class StepPath:
         stage = self._book.current
         step = self._step
         rec_s = pending["rec_s"]
-        self._drain_grads()
         idx = self._count_idx[j]
-        if len(idx) == self._P:  # the usual case: one optimizer, every tensor counted by it
+        got_keys = list(self._got)
+        if len(idx) == self._P and not self._flags_set:
+            # the usual case: one optimizer counts every tensor, and only the gradient hooks
+            # marked any; the same tensors as the step before (most steps) reuse its mask
+            self._got.clear()
+            if got_keys != self._mask_keys:
+                mask = np.zeros(self._P, dtype=np.uint8)
+                mask[got_keys] = 1
+                self._mask_keys, self._mask, self._mask_bytes = got_keys, mask, np.packbits(mask).tobytes()
+            stage.grad_steps += self._mask
+            mask_bytes = self._mask_bytes
+        elif len(idx) == self._P:
+            self._drain_grads(got_keys)
             mask = np.array(self._grad_flags[:])
             stage.grad_steps += mask
             self._grad_flags[:] = 0
+            self._flags_set = False
+            mask_bytes = np.packbits(mask).tobytes()
         else:
+            self._drain_grads(got_keys)
             got = self._grad_flags[idx]
             stage.grad_steps[idx] += got
             mask = np.zeros(self._P, dtype=np.uint8)
             mask[idx] = got
             self._grad_flags[idx] = 0
-        hypers = pending["hypers"]
+            mask_bytes = np.packbits(mask).tobytes()
         self._cols.add_step(step, stage.index, self.session, j, time.time(), pending["recorded"],
-                            [h[0] for h in hypers], [h[1] for h in hypers], [h[2] for h in hypers],
-                            np.packbits(mask).tobytes())
+                            pending["hypers"], mask_bytes)
         if pending["recorded"]:
             t0 = time.perf_counter()
             self._record_metrics(step, pending["cand"], pending["before"])
@@ -219,17 +234,17 @@ class StepPath:
 
     def _skip_step(self, j: int) -> None:
         self._pending = None
-        self._drain_grads()
+        self._drain_grads(list(self._got))
         idx = self._count_idx[j]
         self._grad_flags[idx] = 0  # those gradients were never applied
         self._book.skip()
 
-    def _drain_grads(self) -> None:
-        """The gradient hooks' marks since the last drain into the per-tensor flags: one numpy
-        call. A hook is `functools.partial(self._got.__setitem__, i)` (capture/wiring.py): it
-        stores `got[i] = tensor` in C, and this drain drops those references again."""
-        got = self._got
-        if got:
-            keys = list(got)
-            got.clear()
+    def _drain_grads(self, keys: list) -> None:
+        """The gradient hooks' marks since the last drain (`keys`, the dict's keys) into the
+        per-tensor flags: one numpy call. A hook is `functools.partial(self._got.__setitem__, i)`
+        (capture/wiring.py): it stores `got[i] = tensor` in C, and this drain drops those
+        references again. (The usual step skips the flags: StepPath._post_step.)"""
+        self._got.clear()
+        if keys:
             self._grad_flags[keys] = 1  # a gradient was accumulated into these tensors during this step
+            self._flags_set = True

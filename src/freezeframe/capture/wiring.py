@@ -25,6 +25,9 @@ class HookWiring:
         self._layout = build_layout(self._views, self._index_of, P)
         self._count_idx = [np.union1d(m, self._layout.orphans) for m in self._layout.members]
         self._grad_flags = np.zeros(P, dtype=np.uint8)
+        self._flags_set = False  # _grad_flags holds marks (else all zero: the step's fast path)
+        self._mask_keys: list | None = None  # the last fast-path step's gradient marks, its mask and bytes
+        self._mask = self._mask_bytes = None
         self._hooked = np.zeros(P, dtype=bool)
         self._unhooked: list = []  # the tensors without a gradient hook (frozen when last looked at)
         self._req_flags: list[bool] | None = None  # requires_grad per tensor at the last step
@@ -61,7 +64,8 @@ class HookWiring:
             me = weakref.ref(self)
             self._handles.append(ScalerWatch(self.options.scaler, lambda: getattr(me(), "_step", None),
                                              _weak(self._hook_skipped)))
-        self._passes = PassHooks(self.model, _weak(self._hook_forward_pre), _weak(self._hook_forward_post), _weak)
+        self._passes = PassHooks(self.model, _weak(self._hook_forward_pre), _weak(self._hook_forward_post), _weak,
+                                 post_needed=bool(self._buffers))  # _forward_post follows buffers only
         self._handles.append(self._passes)  # removed with the others (PassHooks.remove)
         self._order = LayerOrder(self.model, _weak(self._hook_layer), getattr(self, "_first_order", None))
         self._handles.append(self._order)  # removed at the first applied step, or with the others
