@@ -92,7 +92,7 @@ class ModelChanges:
         gone = [n for n in gone if n not in self._seen_gone]
         if not (replaced or new or gone):
             return
-        self._model_changed()  # the manifest's model lists are encoded anew (capture/handover.py)
+        self.map.changed()  # the manifest's model lists are encoded anew (ModelMap.model_json)
         self._seen_new.update(new)
         self._seen_gone.update(gone)
         self._capture_end("next_stage")  # the old tensors' end, before they are let go

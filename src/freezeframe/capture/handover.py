@@ -33,19 +33,9 @@ class StoreHandover:
 
     # ------------------------------------------------------------------ the store
     def _manifest_bytes(self, complete: bool) -> bytes:
-        """The manifest a flush writes (docs/run-format.md): what `json.dumps` gives for it, byte
-        for byte, with the model's parameter, buffer and module lists and the signature encoded
-        once. They change only with the model's tensor set (`_model_changed`); at thousands of
-        tensors encoding them again on every flush (once a second) was most of a flush's cost."""
+        """The manifest a flush writes (docs/run-format.md), as `json.dumps` gives it; the
+        model's lists come encoded from the map (ModelMap.model_json)."""
         enc = json.JSONEncoder(allow_nan=False).encode
-        m = self.map
-        key = (getattr(self, "_model_version", 0), len(m.params), len(m.buffers), len(m.modules))
-        cache = getattr(self, "_model_text", None)
-        if cache is None or cache[0] != key:
-            cache = self._model_text = (key, enc([[p.name, p.shape, p.dtype] for p in m.params]),
-                                        enc([p.to_json() for p in m.params]), enc([b.to_json() for b in m.buffers]),
-                                        enc(m.modules))
-        _, signature, params, buffers, modules = cache
         head = {
             "schema": "freezeframe.run/1", "schema_version": 1, "framework": self.options.framework,
             "created": self._created, "complete": complete, "steps_total": self._step,
@@ -54,19 +44,11 @@ class StoreHandover:
             "reference_hashes": getattr(self, "_reference_hashes", None),
             **(self._refs.manifest_fields(self._p0, self._P, self._B) if hasattr(self, "_refs") else {}),
         }
-        model_rest = {"peft": m.peft}  # ModelMap.to_json's keys after the three lists, in its order
-        if m.buffers_at is not None and m.buffers_at != len(m.params):
-            model_rest["buffers_at"] = m.buffers_at
-        model_rest["forward_order"] = getattr(getattr(self, "_order", None), "order", getattr(self, "_first_order", None))
+        order = getattr(getattr(self, "_order", None), "order", getattr(self, "_first_order", None))
         tail = {"sessions": self._sessions, "stages": [s.to_json() for s in self._stages],
                 "error": getattr(self, "_error", None)}
-        return (enc(head)[:-1] + ', "signature": ' + signature
-                + ', "model": {"params": ' + params + ', "buffers": ' + buffers + ', "modules": ' + modules
-                + ", " + enc(model_rest)[1:] + ", " + enc(tail)[1:]).encode()
-
-    def _model_changed(self) -> None:
-        """The model map changed (tensors replaced, added or gone): the next flush encodes it anew."""
-        self._model_version = getattr(self, "_model_version", 0) + 1
+        return (enc(head)[:-1] + ', "signature": ' + self.map.signature_json()
+                + ', "model": ' + self.map.model_json(order) + ", " + enc(tail)[1:]).encode()
 
     def _flush(self, complete: bool = False) -> None:
         if self._writer.error is not None:

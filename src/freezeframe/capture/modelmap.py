@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass, field
 
 import torch
@@ -123,16 +125,37 @@ class ModelMap:
 
     buffers_at: int | None = None  # P0 once parameters were added (docs/run-format.md, "Tensor indices")
 
-    def to_json(self) -> dict:
-        out = {
-            "params": [p.to_json() for p in self.params],
-            "buffers": [b.to_json() for b in self.buffers],
-            "modules": self.modules,
-            "peft": self.peft,
-        }
+    # the three lists and the signature as JSON text, encoded once per tensor-set change
+    _text: tuple | None = field(default=None, repr=False, compare=False)
+    _version: int = field(default=0, repr=False, compare=False)
+
+    def changed(self) -> None:
+        """The tensor set changed (tensors replaced, added or gone): encode the lists anew."""
+        self._version += 1
+
+    def _lists(self) -> tuple:
+        key = (self._version, len(self.params), len(self.buffers), len(self.modules))
+        if self._text is None or self._text[0] != key:
+            enc = json.JSONEncoder(allow_nan=False).encode
+            self._text = (key, enc(self.signature()), enc([p.to_json() for p in self.params]),
+                          enc([b.to_json() for b in self.buffers]), enc(self.modules))
+        return self._text
+
+    def signature_json(self) -> str:
+        """`json.dumps(self.signature())`, encoded once per tensor-set change."""
+        return self._lists()[1]
+
+    def model_json(self, forward_order) -> str:
+        """The manifest's `model` object (docs/run-format.md) as what `json.dumps` gives for it;
+        at thousands of tensors encoding the lists again on every flush (once a second) was most
+        of a flush's cost."""
+        _, _, params, buffers, modules = self._lists()
+        rest = {"peft": self.peft}
         if self.buffers_at is not None and self.buffers_at != len(self.params):
-            out["buffers_at"] = self.buffers_at
-        return out
+            rest["buffers_at"] = self.buffers_at
+        rest["forward_order"] = forward_order
+        return ('{"params": ' + params + ', "buffers": ' + buffers + ', "modules": ' + modules + ", "
+                + json.JSONEncoder(allow_nan=False).encode(rest)[1:])
 
 
 def build_model_map(model: nn.Module) -> ModelMap:

@@ -166,20 +166,15 @@ class StepPath:
                 self._mask_keys, self._mask, self._mask_bytes = got_keys, mask, np.packbits(mask).tobytes()
             stage.grad_steps += self._mask
             mask_bytes = self._mask_bytes
-        elif len(idx) == self._P:
-            self._drain_grads(got_keys)
-            mask = np.array(self._grad_flags[:])
-            stage.grad_steps += mask
-            self._grad_flags[:] = 0
-            self._flags_set = False
-            mask_bytes = np.packbits(mask).tobytes()
-        else:
+        else:  # marks set outside the hooks, or tensors this optimizer does not count
             self._drain_grads(got_keys)
             got = self._grad_flags[idx]
             stage.grad_steps[idx] += got
             mask = np.zeros(self._P, dtype=np.uint8)
             mask[idx] = got
             self._grad_flags[idx] = 0
+            if len(idx) == self._P:
+                self._flags_set = False
             mask_bytes = np.packbits(mask).tobytes()
         self._cols.add_step(step, stage.index, self.session, j, time.time(), pending["recorded"],
                             pending["hypers"], mask_bytes)
