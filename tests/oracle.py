@@ -294,3 +294,30 @@ def compare_with_tape(tensors_table, tape: Tape, steps=None, rel: float = 1e-5) 
             continue
         bad += [f"step {rec['step']}: {m}" for m in metric_mismatches(got, tape.metrics(rec), rel=rel)]
     return bad
+
+
+def aggregates_oracle(stage_of: dict, rows: list[dict]):
+    """The summary's tensor aggregates by plain Python over tensor rows (dicts) in stored order,
+    with each step's stage from `stage_of` (docs/summary-format.md): per (stage, tensor) the
+    median of update_norm / param_norm in float64 over the rows where both are finite and
+    param_norm > 0, and the drift of the last row at the largest step with a drift; the first
+    row with a measured NaN or Inf (step, tensor, stage) and every tensor with such a row."""
+    ratios, last, first_bad, bad_tensors = {}, {}, None, set()
+    for r in rows:
+        st = stage_of.get(r["step"])
+        measured = [r[c] for c in ("grad_norm", "update_norm", "param_norm", "drift") if r[c] is not None]
+        if any(not math.isfinite(v) for v in measured):
+            bad_tensors.add(r["tensor"])
+            if first_bad is None or r["step"] < first_bad[0]:
+                first_bad = (r["step"], r["tensor"], st)
+        if st is None:
+            continue
+        key = (st, r["tensor"])
+        un, pn = r["update_norm"], r["param_norm"]
+        if un is not None and pn is not None and math.isfinite(un) and math.isfinite(pn) and pn > 0:
+            ratios.setdefault(key, []).append(float(un) / float(pn))
+        d = r["drift"]
+        if d is not None and not math.isnan(d) and (key not in last or r["step"] >= last[key][0]):
+            last[key] = (r["step"], float(d))
+    medians = {k: statistics.median(v) for k, v in ratios.items()}
+    return medians, {k: v for k, (_, v) in last.items()}, first_bad, bad_tensors

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import freezeframe
+from oracle import aggregates_oracle
 
 
 class Net(nn.Module):
@@ -78,26 +79,7 @@ def _oracle(run):
     non-finite row — by plain Python over the whole table."""
     steps = run.steps()
     stage_of = dict(zip(steps.column("step").to_pylist(), steps.column("stage").to_pylist()))
-    rows = run.tensors().to_pylist()
-    ratios, last, first_bad, bad_tensors = {}, {}, None, set()
-    for r in rows:
-        st = stage_of.get(r["step"])
-        measured = [r[c] for c in ("grad_norm", "update_norm", "param_norm", "drift") if r[c] is not None]
-        if any(not math.isfinite(v) for v in measured):
-            bad_tensors.add(r["tensor"])
-            if first_bad is None or r["step"] < first_bad[0]:
-                first_bad = (r["step"], r["tensor"], st)
-        if st is None:
-            continue
-        key = (st, r["tensor"])
-        un, pn = r["update_norm"], r["param_norm"]
-        if un is not None and pn is not None and math.isfinite(un) and math.isfinite(pn) and pn > 0:
-            ratios.setdefault(key, []).append(float(un) / float(pn))
-        d = r["drift"]
-        if d is not None and not math.isnan(d) and (key not in last or r["step"] >= last[key][0]):
-            last[key] = (r["step"], float(d))
-    medians = {k: float(np.median(np.array(v, dtype=np.float64))) for k, v in ratios.items()}
-    return medians, {k: v for k, (_, v) in last.items()}, first_bad, bad_tensors
+    return aggregates_oracle(stage_of, run.tensors().to_pylist())
 
 
 def test_the_streamed_aggregates_equal_the_whole_table_oracle(recorded):

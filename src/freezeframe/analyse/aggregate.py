@@ -21,6 +21,7 @@ from .tables import StageLookup
 
 _MEASURES = ("grad_norm", "update_norm", "param_norm", "drift")
 _NONE = np.iinfo(np.int64).min
+_THREADED_MEDIANS = 1 << 20   # kept ratios from which the medians are taken on two threads
 
 
 @dataclass
@@ -86,15 +87,26 @@ class _Part:
     drift: tuple | None = None      # (codes, largest step with a drift, the drift of its last row)
     bad: tuple | None = None        # (step, tensor) of the first non-finite row
     bad_tensors: set = field(default_factory=set)
+    placed: bool = False            # ratios already written into the total's buffer (values: offset)
+
+
+def _float_pages(n: int) -> np.ndarray:
+    """n float64 on anonymous memory of ordinary pages: numpy asks the kernel for huge pages for a
+    large array, and faulting in 600 MB of them (zeroing, compacting) took about a second of
+    system time on a 2-core machine against about a third of that (docs/benchmarks.md, "Report
+    build time and size")."""
+    import mmap
+
+    return np.frombuffer(mmap.mmap(-1, 8 * n), dtype=np.float64)
 
 
 class _Total:
-    """The parts of the rows read so far, in row order. The ratios are copied, grouped, into one
+    """The parts of the rows read so far, in row order. The ratios are written, grouped, into one
     buffer sized for every row (pages never written are never resident): the memory a long run
     needs is its kept ratios, not those plus what a fragmented heap keeps of the batches."""
 
     def __init__(self, size: int, capacity: int):
-        self.buffer = np.empty(max(capacity, 1), dtype=np.float64)
+        self.buffer = _float_pages(max(capacity, 1))
         self.used = 0
         self.ratios: list[tuple] = []   # (offset into buffer, codes, counts)
         self.best = np.full(size, _NONE, dtype=np.int64)
@@ -102,17 +114,23 @@ class _Total:
         self.bad: tuple | None = None
         self.bad_tensors: set = set()
 
+    def reserve(self, n: int) -> tuple[int, np.ndarray]:
+        """The next `n` slots of the buffer (offset, view), counted as used."""
+        if self.used + n > len(self.buffer):        # more rows than the footers said
+            grown = _float_pages(2 * (self.used + n))
+            grown[:self.used] = self.buffer[:self.used]
+            self.buffer = grown
+        at = self.used
+        self.used += n
+        return at, self.buffer[at:at + n]
+
     def keep(self, part: _Part) -> _Part:
-        """The part with its ratios moved into the buffer (not yet counted: `add` does)."""
-        if part.ratios is not None:
+        """The part with its ratios in the buffer (not yet counted: `add` does)."""
+        if part.ratios is not None and not part.placed:
             values, codes, counts = part.ratios
-            if self.used + len(values) > len(self.buffer):  # more rows than the footers said
-                grown = np.empty(2 * (self.used + len(values)), dtype=np.float64)
-                grown[:self.used] = self.buffer[:self.used]
-                self.buffer = grown
-            self.buffer[self.used:self.used + len(values)] = values
-            part.ratios = (self.used, codes, counts)
-            self.used += len(values)
+            at, view = self.reserve(len(values))
+            view[:] = values
+            part.ratios, part.placed = (at, codes, counts), True
         return part
 
     def add(self, part: _Part) -> None:
@@ -170,21 +188,22 @@ class _Codes:
         return self.stages[code // self.n] * self.n + code % self.n
 
 
-def _batch(table: pa.Table, codes: _Codes) -> list[_Part]:
+def _batch(table: pa.Table, codes: _Codes, total: _Total) -> list[_Part]:
     step = _numpy(table, "step").astype(np.int64, copy=False)
     tensor = _numpy(table, "tensor")
     vals = {name: _numpy(table, name) for name in _MEASURES}
-    bad = _first_nonfinite(table, step, tensor, vals)
-    parts = _periodic(step, tensor, vals, codes)
+    finite = {name: _all_finite(v) for name, v in vals.items()}
+    bad = _first_nonfinite(table, step, tensor, vals, finite)
+    parts = _periodic(step, tensor, vals, codes, total, finite)
     if parts is None:
         parts = [_rows(step, tensor, vals, codes.of(step, tensor))]
     parts[0].bad, parts[0].bad_tensors = bad
-    return parts
+    return [total.keep(part) for part in parts]
 
 
-def _first_nonfinite(table: pa.Table, step: np.ndarray, tensor: np.ndarray, vals: dict) -> tuple:
+def _first_nonfinite(table: pa.Table, step: np.ndarray, tensor: np.ndarray, vals: dict, finite: dict) -> tuple:
     """((step, tensor) of the first row with a measured NaN or Inf, or None; the tensors of all such rows)."""
-    if all(_all_finite(v) for v in vals.values()):
+    if all(finite.values()):
         return None, set()
     bad = np.zeros(len(step), dtype=bool)
     for name, v in vals.items():
@@ -199,10 +218,13 @@ def _first_nonfinite(table: pa.Table, step: np.ndarray, tensor: np.ndarray, vals
     return (int(step[first]), int(tensor[first])), set(np.unique(tensor[rows]).tolist())
 
 
-def _periodic(step: np.ndarray, tensor: np.ndarray, vals: dict, codes: _Codes) -> list[_Part] | None:
+def _periodic(step: np.ndarray, tensor: np.ndarray, vals: dict, codes: _Codes, total: _Total,
+              finite: dict) -> list[_Part] | None:
     """The usual batch, without a sort: every row in one stage, the same tensors in the same order
     on every step (one pattern of distinct tensors repeated, the last time cut short), steps in
-    order. The parts of the whole repeats and of the cut-short rest; None for any other batch."""
+    order. The parts of the whole repeats and of the cut-short rest; None for any other batch.
+    When every ratio counts, the ratios are divided straight into the total's buffer, grouped by
+    key. `finite`: per measure, whether the whole batch has no NaN or Inf."""
     m, n = len(step), codes.n
     if m < 2 or codes.lookup.empty or not codes.lookup.dense:
         return None
@@ -215,7 +237,9 @@ def _periodic(step: np.ndarray, tensor: np.ndarray, vals: dict, codes: _Codes) -
         return None                                     # more than one stage, or a step without a row
     if int(tensor.min()) < 0 or int(tensor.max()) >= n or not bool((step[1:] >= step[:-1]).all()):
         return None
-    p = int(np.argmax(tensor[1:] == tensor[0])) + 1 if bool((tensor[1:] == tensor[0]).any()) else m
+    again = tensor[1:] == tensor[0]
+    p = int(np.argmax(again)) + 1
+    p = p if bool(again[p - 1]) else m
     q = m // p
     pattern = tensor[:p]
     if q < 1 or len(np.unique(pattern)) != p or not np.array_equal(tensor[p:], tensor[:m - p]):
@@ -226,18 +250,29 @@ def _periodic(step: np.ndarray, tensor: np.ndarray, vals: dict, codes: _Codes) -
     un, pn, dr = vals["update_norm"], vals["param_norm"], vals["drift"]
     head = _Part()
     full = q * p
-    r = un[:full].astype(np.float64)
-    r /= pn[:full]
-    grid = r.reshape(q, p).T[cols]                      # per key (ascending), its rows in row order
-    ok = np.isfinite(un[:full]) & np.isfinite(pn[:full]) & (pn[:full] > 0)
-    if bool(ok.all()):
-        head.ratios = (grid.reshape(-1), keys, np.full(p, q, dtype=np.int64))
+    # the rows as a (q, p) grid, step by pattern position; a key's ratios are its column in row order
+    un2, pn2 = un[:full].reshape(q, p), pn[:full].reshape(q, p)
+    if finite["update_norm"] and finite["param_norm"] and float(pn.min()) > 0:
+        ok = None                                   # every ratio counts
+        counts = np.full(p, q, dtype=np.int64)
     else:
-        okg = ok.reshape(q, p).T[cols]
-        counts = okg.sum(axis=1)
-        present = counts > 0
-        head.ratios = (grid[okg], keys[present], counts[present])
-    if not bool(np.isnan(dr[:full]).any()):
+        ok = pn2 > 0
+        if not (finite["update_norm"] and finite["param_norm"]):
+            ok &= np.isfinite(un2) & np.isfinite(pn2)
+        counts = ok.sum(axis=0)[cols]
+    present = counts > 0
+    keep = cols[present]                            # pattern positions of the keys with ratios, by key
+    if ok is None or bool((counts[present] == q).all()):
+        # whole columns: divided straight into the total's buffer, column by column
+        at, view = total.reserve(len(keep) * q)
+        if len(keep) < p or not bool((keep == np.arange(p)).all()):
+            un2, pn2 = un2[:, keep], pn2[:, keep]
+        np.divide(un2.T, pn2.T, out=view.reshape(len(keep), q), dtype=np.float64)
+        head.ratios, head.placed = (at, keys[present], counts[present]), True
+    else:                                           # a key with some rows left out
+        grid = np.divide(un2.T[cols], pn2.T[cols], dtype=np.float64)
+        head.ratios = (grid[ok.T[cols]], keys[present], counts[present])
+    if finite["drift"] or not bool(np.isnan(dr[:full]).any()):
         last = (q - 1) * p + cols                       # each key's last row: at its largest step
         head.drift = (keys, step[last], dr[last].astype(np.float64))
     else:
@@ -302,7 +337,7 @@ def tensor_aggregates(run: StoredRun, lookup: StageLookup, stages: list[int], n_
                 current, total.used = [], mark
                 continue
             rows += table.num_rows
-            current.extend(total.keep(part) for part in _batch(table, codes))
+            current.extend(_batch(table, codes, total))
     for part in current:
         total.add(part)
     return TensorAggregates(update_ratio_median=_medians(total, codes),
@@ -321,14 +356,27 @@ def _medians(total: _Total, codes: _Codes) -> dict[int, float]:
     bounds = np.r_[0, np.flatnonzero(code[1:] != code[:-1]) + 1, len(code)]
     keys = codes.key(code[bounds[:-1]]).tolist()
     buf = total.buffer
-    out = {}
-    for key, a, b in zip(keys, bounds[:-1].tolist(), bounds[1:].tolist()):
-        if b - a == 1:
-            seg = buf[int(start[a]):int(start[a] + count[a])]
-        else:
-            seg = np.concatenate([buf[s:s + n] for s, n in zip(start[a:b].tolist(), count[a:b].tolist())])
-        out[int(key)] = float(np.median(seg))
-    return out
+
+    def medians(spans: list) -> list[tuple[int, float]]:
+        got = []
+        for key, a, b in spans:
+            if b - a == 1:      # one piece: selected where it lies (no other key reads it)
+                seg = buf[int(start[a]):int(start[a] + count[a])]
+            else:
+                seg = np.concatenate([buf[s:s + n] for s, n in zip(start[a:b].tolist(), count[a:b].tolist())])
+            got.append((int(key), float(np.median(seg, overwrite_input=True))))
+        return got
+
+    spans = list(zip(keys, bounds[:-1].tolist(), bounds[1:].tolist()))
+    if total.used < _THREADED_MEDIANS or len(spans) < 2:
+        return dict(medians(spans))
+    from concurrent.futures import ThreadPoolExecutor
+
+    sizes = np.cumsum(np.add.reduceat(count, bounds[:-1]))
+    half = min(max(int(np.searchsorted(sizes, sizes[-1] / 2)), 1), len(spans) - 1)
+    with ThreadPoolExecutor(2, thread_name_prefix="freezeframe-median") as pool:  # numpy selects without the GIL
+        parts = list(pool.map(medians, [spans[:half], spans[half:]]))
+    return dict(parts[0] + parts[1])
 
 
 def _last_drift(total: _Total, codes: _Codes) -> dict[int, float]:

@@ -64,29 +64,34 @@ def _ratio(a, b):
 
 
 def _group_stats(rows: np.ndarray, view: StepView, g: int, nominal, floor=None) -> dict:
-    def series(values):
-        out = [v[g] for v in (values[i] for i in rows) if v is not None and g < len(v) and v[g] is not None]
-        return [x for x in out if isinstance(x, float) and math.isfinite(x)]
+    def series(values: np.ndarray) -> np.ndarray:
+        """Group g's finite values over `rows`, in row order."""
+        col = values[rows, g] if g < values.shape[1] else np.zeros(0)
+        return col[np.isfinite(col)]
 
-    lr = series(view.lr)
-    mom = series(view.momentum)
-    wd = series(view.weight_decay)
-    applied_max = max(lr) if lr else None
-    if nominal is not None and floor is not None and lr:
+    def first_max(x: np.ndarray):  # the element Python's max() gives (the first of equals: 0.0 before -0.0)
+        return float(x[np.argmax(x)]) if len(x) else None
+
+    def first_min(x: np.ndarray):
+        return float(x[np.argmin(x)]) if len(x) else None
+
+    lr, mom, wd = series(view.lr), series(view.momentum), series(view.weight_decay)
+    applied_max, lr_min = first_max(lr), first_min(lr)
+    if nominal is not None and floor is not None and len(lr):
         # A peak left in the group by a finished schedule (OneCycleLR's max_lr) is taken only
         # when this stage's lrs move within that schedule's range.
         tol = 1e-9 * nominal
-        if not (max(lr) > min(lr) and min(lr) >= floor - tol and max(lr) <= nominal + tol):
+        if not (applied_max > lr_min and lr_min >= floor - tol and applied_max <= nominal + tol):
             nominal = None
     return {
         "lr_max": nominal if nominal is not None else applied_max,
         "lr_applied_max": applied_max,
-        "lr_min": min(lr) if lr else None,
-        "lr_first": lr[0] if lr else None,
-        "lr_last": lr[-1] if lr else None,
-        "momentum_min": min(mom) if mom else None,
-        "momentum_max": max(mom) if mom else None,
-        "weight_decay": wd[-1] if wd else None,
+        "lr_min": lr_min,
+        "lr_first": float(lr[0]) if len(lr) else None,
+        "lr_last": float(lr[-1]) if len(lr) else None,
+        "momentum_min": first_min(mom),
+        "momentum_max": first_max(mom),
+        "weight_decay": float(wd[-1]) if len(wd) else None,
     }
 
 
@@ -158,7 +163,7 @@ def build_summary(run: StoredRun) -> dict:
         for g in groups:
             for i in g["params"]:
                 group_of.setdefault(i, g["index"])
-        grad_steps = view.grads[rows].sum(axis=0) if len(rows) else np.zeros(P, dtype=np.int64)
+        grad_steps = view.grad_steps(rows)
         start, end = s.get("start_hashes") or [], s.get("end_hashes")
         end_metrics = s.get("end_metrics") or {}
         out_groups = []

@@ -72,11 +72,22 @@ class StepView:
     step: np.ndarray          # per step row
     stage: np.ndarray
     optimizer: np.ndarray     # per step row: which watched optimizer stepped
-    lr: list                  # per step row: list of per-group values
-    momentum: list
-    weight_decay: list
-    grads: np.ndarray         # (steps, P) bool
+    lr: np.ndarray            # (steps, groups) float64: per step row its per-group values, NaN where none
+    momentum: np.ndarray
+    weight_decay: np.ndarray
+    grads: np.ndarray         # (steps, ceil(P / 8)) uint8: each row's `grads` mask, packed as stored
+    P: int = 0
     tensors: Any = None
+
+    def grad_steps(self, rows: np.ndarray) -> np.ndarray:
+        """Per parameter (P, int64): how many of the step rows `rows` accumulated a gradient into
+        it, counted bit by bit on the packed masks (numpy.packbits order: bit 7 of byte j is
+        parameter 8j)."""
+        sel = self.grads[rows]
+        counts = np.zeros(sel.shape[1] * 8, dtype=np.int64)
+        for b in range(8):
+            counts[b::8] = ((sel >> (7 - b)) & 1).sum(axis=0, dtype=np.int64)
+        return counts[:self.P]
 
 
 def step_view(run: StoredRun) -> StepView:
@@ -84,15 +95,46 @@ def step_view(run: StoredRun) -> StepView:
     steps = run.steps
     step = _col(steps, "step", np.int64)
     stage = _col(steps, "stage", np.int64)
-    raw = steps.column("grads").to_pylist()
-    nbytes = (P + 7) // 8
-    buf = np.frombuffer(b"".join((g or b"\0" * nbytes).ljust(nbytes, b"\0")[:nbytes] for g in raw), dtype=np.uint8)
-    grads = np.unpackbits(buf.reshape(len(raw), nbytes), axis=1)[:, :P].astype(bool) if raw else np.zeros((0, P), bool)
     return StepView(
         step=step, stage=stage, optimizer=_col(steps, "optimizer", np.int64),
-        lr=steps.column("lr").to_pylist(), momentum=steps.column("momentum").to_pylist(),
-        weight_decay=steps.column("weight_decay").to_pylist(), grads=grads,
+        lr=_per_group(steps.column("lr")), momentum=_per_group(steps.column("momentum")),
+        weight_decay=_per_group(steps.column("weight_decay")),
+        grads=_grad_masks(steps.column("grads"), (P + 7) // 8), P=P,
     )
+
+
+def _per_group(column: pa.ChunkedArray) -> np.ndarray:
+    """A list<float64> column as a (rows, longest list) matrix: row i, column g holds list i's
+    value g, NaN where the list is null, shorter or holds a null."""
+    arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    lengths = arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    out = np.full((len(arr), int(lengths.max()) if len(lengths) else 0), np.nan)
+    if out.size:
+        values = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float64, copy=False)  # nulls: NaN
+        row = np.repeat(np.arange(len(arr)), lengths)
+        starts = np.cumsum(lengths) - lengths
+        out[row, np.arange(len(values)) - starts[row]] = values
+    return out
+
+
+def _grad_masks(column: pa.ChunkedArray, nbytes: int) -> np.ndarray:
+    """(rows, nbytes) uint8: each row's mask cut or zero-padded to `nbytes` (null: no gradient).
+    A chunk whose every mask has exactly `nbytes` bytes is read from its data buffer in one copy."""
+    out = np.zeros((len(column), nbytes), dtype=np.uint8)
+    at = 0
+    for chunk in column.chunks:
+        n = len(chunk)
+        if n and nbytes:
+            wide = pa.types.is_large_binary(chunk.type)
+            offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64 if wide else np.int32)[chunk.offset:chunk.offset + n + 1]
+            if not chunk.null_count and bool((np.diff(offsets) == nbytes).all()):
+                out[at:at + n] = np.frombuffer(chunk.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]].reshape(n, nbytes)
+            else:
+                for k, g in enumerate(chunk.to_pylist()):
+                    if g:
+                        out[at + k, :min(len(g), nbytes)] = np.frombuffer(g[:nbytes], dtype=np.uint8)
+        at += n
+    return out
 
 
 def adapters_table(summary: dict) -> dict | None:

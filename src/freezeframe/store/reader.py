@@ -113,22 +113,21 @@ class StoredRun:
             for a in range(0, table.num_rows, rows):
                 yield table.slice(a, rows)
             return
-        schema = pa.schema([layout.TENSORS_SCHEMA.field(n) for n in names])
         for f in self.tensor_files:
             try:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=names):
-                    yield self._to_reader(pa.Table.from_batches([batch]).select(names).cast(schema))
+                yield from self._chunk_batches(f, rows, names)
             except OSError as e:  # read whole before: the file changed since
                 raise RunError(f"{f}: cannot be read any more ({type(e).__name__}: {e})") from None
 
-    def _chunk_batches(self, f: Path, rows: int) -> Iterator[pa.Table]:
-        """One chunk's row groups, every column (damage anywhere counts), decoded two at a time
-        on worker threads while the caller works on the one before."""
-        schema = layout.TENSORS_SCHEMA
+    def _chunk_batches(self, f: Path, rows: int, names: list[str] | None = None) -> Iterator[pa.Table]:
+        """One chunk's row groups, the columns `names` (all by default: damage anywhere counts),
+        decoded two at a time on worker threads while the caller works on the one before."""
+        names = layout.TENSORS_SCHEMA.names if names is None else names
+        schema = pa.schema([layout.TENSORS_SCHEMA.field(n) for n in names])
 
         def read(group: int) -> pa.Table:
-            table = pq.ParquetFile(f).read_row_group(group, use_threads=False)
-            return self._to_reader(table.select(schema.names).cast(schema))
+            table = pq.ParquetFile(f).read_row_group(group, columns=names, use_threads=False)
+            return self._to_reader(table.select(names).cast(schema))
 
         for table in _prefetch(read, range(pq.ParquetFile(f).metadata.num_row_groups)):
             for a in range(0, table.num_rows, rows):

@@ -155,8 +155,11 @@ class RunWriter:
 
     def _write_table(self, final: Path, table: pa.Table) -> None:
         tmp = final.with_name("." + final.name + ".tmp")
+        # floats byte-stream-split (docs/run-format.md, "Files:"): the tensors table's norms then
+        # take about 16 % less time to read and to write, for about 4 % more bytes
+        floats = [f.name for f in table.schema if pa.types.is_floating(f.type)]
         pq.write_table(table, tmp, compression="zstd", use_dictionary=["name"] if "name" in
-                       table.column_names else False)
+                       table.column_names else False, use_byte_stream_split=floats or False)
         os.replace(tmp, final)
         self.bytes_written += final.stat().st_size
 
