@@ -1,5 +1,5 @@
 """Report size: a very large run (200 tensors × 20,000 steps, every step recorded) makes a report
-within its budget (≤ 15 MB; the heatmap binned to ≤ 2,000 columns, and saying so); the demo's and a
+within its budget (≤ 3 MiB; the heatmap binned to its cell budget, and saying so); the demo's and a
 fastai resnet34 run's reports are ≤ 3 MiB, with plotly.js the vendored cartesian bundle."""
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 import freezeframe
-from freezeframe.analyse.figures import MAX_COLUMNS, from_run
+from freezeframe.analyse.figures import MAX_HEATMAP_CELLS, from_run, heatmap_columns
 from freezeframe.render.html import render_html
 from freezeframe.store import layout
 
-MB = 1024 * 1024
+MiB = 1024 * 1024
 MIB = 1024 * 1024
 VENDOR = Path(freezeframe.__file__).parent / "render" / "vendor"
 
@@ -86,7 +86,7 @@ def synthetic_run(run_dir, *, steps_per_stage: int = 10_000, blocks: int = 10, w
     (run_dir / layout.MANIFEST).write_text(json.dumps(m))
 
 
-def test_200_tensors_by_20000_steps_stays_within_15_mb(tmp_path):
+def test_200_tensors_by_20000_steps_stays_within_3_mib(tmp_path):
     run_dir = tmp_path / "big"
     synthetic_run(run_dir)
     run = freezeframe.load(run_dir)
@@ -94,12 +94,13 @@ def test_200_tensors_by_20000_steps_stays_within_15_mb(tmp_path):
     assert run._stored.tensors.num_rows == 10_000 * 180 + 10_000 * 200
     data = from_run(run)
     hm = data["heatmap"]
-    assert hm["downsampled"] and hm["values"].shape == (100, MAX_COLUMNS)
+    assert hm["downsampled"] and hm["values"].shape == (100, 1_000) == (100, heatmap_columns(100))
+    assert hm["values"].size <= MAX_HEATMAP_CELLS
     assert "downsampled" in hm["note"] and "median" in hm["note"]
     assert set(hm["stage_of_column"].tolist()) == {0, 1}
     text = render_html(run, data=data)
-    assert "downsampled: 20,000 recorded steps shown as 2,000 columns" in text
-    assert len(text.encode("utf-8")) <= 15 * MB
+    assert "downsampled: 20,000 recorded steps shown as 1,000 columns" in text
+    assert len(text.encode("utf-8")) <= 3 * MiB  # DESIGN.md "Budgets": whatever the step count
 
 
 def _scripts(text: str) -> list[str]:
@@ -159,3 +160,10 @@ def test_a_fastai_resnet34_report_is_within_3_mib(tmp_path):
     assert len(text.encode("utf-8")) <= 3 * MIB
     data = from_run(run)
     assert len(data["heatmap"]["rows"]) > 60                          # the network drawn at resnet34's size
+
+
+def test_the_heatmaps_column_budget_follows_its_rows():
+    assert heatmap_columns(1) == heatmap_columns(50) == 2_000           # few rows: every column kept up to 2,000
+    assert heatmap_columns(100) == 1_000 and heatmap_columns(120) == 833  # rows x columns within 100,000 cells
+    assert heatmap_columns(1_000) == 500                                 # never fewer than 500 columns
+    assert all(r * heatmap_columns(r) <= MAX_HEATMAP_CELLS for r in range(1, 201))

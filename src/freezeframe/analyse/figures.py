@@ -15,6 +15,8 @@ from .heatmap import MAX_POINTS, _bins, aggregate, binned_median, envelope  # no
 from .timeaxis import step_context, time_marks  # noqa: F401 - the renderers take them from here
 
 MAX_COLUMNS = 2000      # the update heatmap shows at most this many step columns (then it bins steps)
+MAX_HEATMAP_CELLS = 100_000  # ... and at most this many row x column cells (docs/report.md, "How figures are downsampled")
+MIN_COLUMNS = 500       # ... but never fewer columns than this for that reason
 FREEZE_MAP_ROWS = 40    # default rows of the freeze map and the drift figure (as `freezeframe summary`)
 HEATMAP_ROWS = 120      # default rows of the update heatmap
 SHADE_DECADES = 4       # freeze-map shade: drift_rel from 10**-SHADE_DECADES (lightest) to 1 (darkest)
@@ -193,17 +195,26 @@ def heatmap_rows(summary: dict, depth: int | None = None, *, max_rows: int = HEA
     return depth, _rows(summary, depth)
 
 
+def heatmap_columns(n_rows: int) -> int:
+    """The most step columns the update heatmap of `n_rows` rows shows: MAX_COLUMNS, fewer when
+    rows x columns would pass MAX_HEATMAP_CELLS (never fewer than MIN_COLUMNS), so that the
+    report's size stays bounded whatever the model and the step count."""
+    return min(MAX_COLUMNS, max(MIN_COLUMNS, MAX_HEATMAP_CELLS // max(n_rows, 1)))
+
+
 def update_heatmap(summary: dict, steps: pa.Table, tensors, depth: int | None = None, *,
-                   max_rows: int = HEATMAP_ROWS, max_columns: int = MAX_COLUMNS, cells: dict | None = None) -> dict:
+                   max_rows: int = HEATMAP_ROWS, max_columns: int | None = None, cells: dict | None = None) -> dict:
     """Modules (rolled up to `depth`) × recorded steps, colour = log10 of the update-to-weight ratio.
 
-    More recorded steps than `max_columns`: consecutive steps of one stage are binned and each
+    More recorded steps than `max_columns` (default: `heatmap_columns` of the rows): consecutive
+    steps of one stage are binned and each
     column holds the median of its steps (the note says so). Cells of a module frozen for the
     whole stage are marked in `frozen` (rows × stages), updates of exactly 0 and non-finite
     measurements in `zero` / `nonfinite` (rows × columns), so none is confused with a small value.
     `tensors`: the tensors table or a stored run (read block by block); `cells`: the heatmap part
     of `heatmap.aggregate` for these rows when already computed."""
     depth, rows = heatmap_rows(summary, depth, max_rows=max_rows)
+    max_columns = heatmap_columns(len(rows)) if max_columns is None else max_columns
     m = aggregate(summary, steps, tensors, heat_rows=rows)["heatmap"] if cells is None else cells
     values, nonfinite, col_steps, col_stage = m["values"], m["nonfinite"], m["steps"], m["stage"]
     recorded = len(col_steps)
@@ -346,7 +357,7 @@ def loss(scalars: pa.Table, name: str = "loss", summary: dict | None = None) -> 
 # ----------------------------------------------------------------------------- everything
 def figure_data(summary: dict, steps: pa.Table, tensors, scalars: pa.Table, *,
                 depth: int | None = None, heatmap_depth: int | None = None,
-                max_columns: int = MAX_COLUMNS) -> dict:
+                max_columns: int | None = None) -> dict:
     """Everything the report draws. `depth`: module-tree depth of the freeze map and the drift
     figure (default: fits ~40 rows); `heatmap_depth`: of the update heatmap (default: ~120 rows).
     `tensors`: the tensors table or a stored run, read once, block by block, for both the heatmap
