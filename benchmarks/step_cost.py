@@ -3,7 +3,9 @@
 For 8, 100, 400 and 2,000 tensors (an `nn.Sequential` of Linear(4, 4) layers, 2 tensors each, on a
 batch of 2 rows, so that the training step itself is short and the recorder's cost shows), two
 kinds of watched step: **unrecorded** (`every` so large that only the stage's first step records:
-what every step of a sampled run pays) and **recorded** (every=1). Method as overhead.py's
+what every step of a sampled run pays) and **recorded** (every=1), and, for the why, a model that
+is not watched but carries the hooks torch calls on an unrecorded step with empty bodies
+(**empty hooks**: torch's own cost of calling them). Method as overhead.py's
 (overhead_measure.py): two identical models (same weights, same data, same optimizer), A plain and
 B watched, stepped alternately in one process; B's time includes draining the recorder's writer
 after its step. The figure is the median of the per-pair differences B − A with a bootstrap 95 %
@@ -45,7 +47,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))  # this folder's module
 import freezeframe  # noqa: E402
 from machine import cpu_model  # noqa: E402
 from probes import run_dir_bytes  # noqa: E402
-from step_cost_tables import MODES, print_table, write_docs  # noqa: E402
+from step_cost_tables import EMPTY_HOOKS, MODES, print_table, write_docs  # noqa: E402
 
 TENSORS = (8, 100, 400, 2_000)
 BATCH = 2
@@ -59,10 +61,28 @@ def make_model(n_tensors: int) -> nn.Module:
     return nn.Sequential(*[nn.Linear(4, 4) for _ in range(n_tensors // 2)])
 
 
+def empty_hooks(model: nn.Module, opt: torch.optim.Optimizer) -> list:
+    """The hooks torch calls on each of the recorder's unrecorded steps (for a model without
+    buffers, once the first step has been applied), each a Python function that does nothing:
+    the optimizer's step pre- and post-hook, the model's forward pre-hook and one
+    post-accumulate-grad hook per trainable tensor. What any hook-based recorder pays before it
+    does any work."""
+    def nothing(*args):
+        return None
+
+    handles = [opt.register_step_pre_hook(nothing), opt.register_step_post_hook(nothing),
+               model.register_forward_pre_hook(nothing)]
+    return handles + [p.register_post_accumulate_grad_hook(nothing) for p in model.parameters() if p.requires_grad]
+
+
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
     opt.zero_grad(set_to_none=True)
     model(x).square().mean().backward()
     opt.step()
+
+
+def _nothing() -> None:
+    return None
 
 
 def bootstrap_median(d: np.ndarray, rng: np.random.Generator, n: int = 2000) -> list[float]:
@@ -72,9 +92,10 @@ def bootstrap_median(d: np.ndarray, rng: np.random.Generator, n: int = 2000) -> 
 
 def measure(n_tensors: int, mode: str, max_seconds: float, min_pairs: int = 50, max_pairs: int = 20_000,
             seed: int = 0) -> dict:
-    """One case: `n_tensors` tensors, `mode` 'unrecorded' or 'recorded' (step_cost_tables.MODES)."""
+    """One case: `n_tensors` tensors, `mode` 'unrecorded', 'recorded' (step_cost_tables.MODES) or
+    'empty hooks' (B not watched, carrying `empty_hooks` instead)."""
     t_case = time.perf_counter()
-    every = MODES[mode]
+    every = MODES.get(mode)
     torch.manual_seed(seed)
     model_a = make_model(n_tensors)
     model_b = copy.deepcopy(model_a)
@@ -85,8 +106,12 @@ def measure(n_tensors: int, mode: str, max_seconds: float, min_pairs: int = 50, 
         train_step(model_a, opt_a, x), train_step(model_b, opt_b, x)
     workdir = Path(tempfile.mkdtemp(prefix="ff-stepcost-"))
     try:
-        rec = freezeframe.watch(model_b, opt_b, workdir / "run", every=every, mode="new")
-        drain = rec._writer.drain
+        if every is None:
+            handles, rec = empty_hooks(model_b, opt_b), None
+            drain = _nothing
+        else:
+            rec = freezeframe.watch(model_b, opt_b, workdir / "run", every=every, mode="new")
+            drain = rec._writer.drain
         k = 0
 
         def pair() -> tuple[float, float]:
@@ -107,8 +132,13 @@ def measure(n_tensors: int, mode: str, max_seconds: float, min_pairs: int = 50, 
         rows, t_loop = [], time.perf_counter()
         while len(rows) < max_pairs and (len(rows) < min_pairs or time.perf_counter() - t_loop < max_seconds):
             rows.append(pair())
-        rec.close()
-        written = run_dir_bytes(workdir / "run")
+        if rec is None:
+            for h in handles:
+                h.remove()
+            written = {"recorded_steps": 0}
+        else:
+            rec.close()
+            written = run_dir_bytes(workdir / "run")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     a, b = np.array(rows).T
@@ -156,8 +186,8 @@ def main(argv=None) -> int:
     measure(8, "recorded", 0.2, min_pairs=5)               # one-time costs (imports, first Parquet file)
     results = []
     for n in counts:
-        for mode in MODES:
-            print(f"… {n:,} tensors, {mode} step (every={MODES[mode]})", flush=True)
+        for mode in [*MODES, EMPTY_HOOKS]:
+            print(f"… {n:,} tensors, {mode} step" + (f" (every={MODES[mode]})" if mode in MODES else ""), flush=True)
             r = measure(n, mode, max_seconds)
             results.append(r)
             print(f"  +{r['extra_us_median']:.1f} µs (95 % CI {r['extra_us_ci95'][0]:.1f}–{r['extra_us_ci95'][1]:.1f}) "

@@ -9,9 +9,10 @@ from pathlib import Path
 BEGIN, END = "<!-- step-cost:begin -->", "<!-- step-cost:end -->"
 BEFORE = "<!-- report-scaling:begin -->"     # where the block goes when the file has none yet
 MODES = {"unrecorded": 10 ** 9, "recorded": 1}   # mode → every
+EMPTY_HOOKS = "empty hooks"                      # not watched: the same hooks with empty bodies (step_cost.empty_hooks)
 BASE_US, PER_TENSOR_US = 15.0, 0.05              # the unrecorded step's budget: 15 µs + 0.05 µs × tensors
 HEADERS = ["tensors", "plain µs/step", "unrecorded +µs (95 % CI)", "recorded +µs (95 % CI)",
-           "budget (unrecorded) µs", "budget"]
+           "empty hooks +µs (95 % CI)", "budget (unrecorded) µs", "budget"]
 
 
 def budget_us(tensors: int) -> float:
@@ -42,9 +43,9 @@ def table_rows(results: list[dict]) -> list[list[str]]:
     rows = []
     for n in counts:
         by_mode = {r["mode"]: r for r in results if r["tensors"] == n}
-        unrec, rec = by_mode.get("unrecorded"), by_mode.get("recorded")
-        plain = (unrec or rec)["plain_us_median"]
-        rows.append([f"{n:,}", f"{plain:.0f}", _extra(unrec), _extra(rec), f"{budget_us(n):.1f}",
+        unrec, rec, hooks = by_mode.get("unrecorded"), by_mode.get("recorded"), by_mode.get(EMPTY_HOOKS)
+        plain = (unrec or rec or hooks)["plain_us_median"]
+        rows.append([f"{n:,}", f"{plain:.0f}", _extra(unrec), _extra(rec), _extra(hooks), f"{budget_us(n):.1f}",
                      verdict(unrec) if unrec else "—"])
     return rows
 
@@ -84,6 +85,14 @@ def markdown_block(results: list[dict], meta: dict) -> str:
                         "NOT met at " + ", ".join(f"{r['tensors']:,} tensors (+{r['extra_us_median']:.1f} µs, "
                                                    f"{r['extra_us_median'] / budget_us(r['tensors']):.1f}× the budget)"
                                                    for r in missed)) + ".")
+    hooks = {r["tensors"]: r for r in results if r["mode"] == EMPTY_HOOKS}
+    why = [(r, hooks[r["tensors"]]) for r in missed if r["tensors"] in hooks]
+    if why:
+        lines.append("- Of that, torch's calls of the hooks alone (the same hooks with empty bodies): "
+                     + ", ".join(f"{r['tensors']:,} tensors +{h['extra_us_median']:.1f} µs "
+                                 f"({h['extra_us_median'] / budget_us(r['tensors']):.1f}× the budget), leaving "
+                                 f"{r['extra_us_median'] - h['extra_us_median']:+.1f} µs of the recorder's own work"
+                                 for r, h in why) + ".")
     lines += [
         "",
         "How it is measured: a model of N parameter tensors (N/2 `nn.Linear(4, 4)` layers in a row) on a "
@@ -93,7 +102,10 @@ def markdown_block(results: list[dict], meta: dict) -> str:
         "in one process, A plain and B watched; B's time includes draining the recorder's writer after its "
         "step. **plain µs/step**: the median of A's steps. **unrecorded**: B watched with `every` = 10⁹, so "
         "only the stage's first step (in the warm-up) records — what every step between two recorded steps "
-        "costs. **recorded**: `every=1`, every step records. **+µs**: the median over pairs of B − A, with a "
+        "costs. **recorded**: `every=1`, every step records. **empty hooks**: B not watched but carrying the "
+        "hooks torch calls on an unrecorded step (the optimizer's step pre- and post-hook, the model's forward "
+        "pre-hook, a post-accumulate-grad hook per tensor), each a Python function that does nothing: torch's "
+        "own cost of calling them, which no hook-based recorder avoids. **+µs**: the median over pairs of B − A, with a "
         "bootstrap 95 % interval (2,000 resamples). "
         f"Each case: {meta.get('warmup', 20)} warm-up pairs, then {min(pairs, default=0)}–{max(pairs, default=0)} "
         "measured pairs (at least 50, then as many as `--max-seconds` allows). "

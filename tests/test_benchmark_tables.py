@@ -28,6 +28,7 @@ STEP_RESULTS = [
     _case(100, "recorded", 2001.0, 1500.0, 1400.0, 1600.0),
     _case(2000, "unrecorded", 40000.0, 300.0, 250.0, 350.0),  # budget 115.0: NOT met
     _case(2000, "recorded", 40010.0, -5.0, -20.0, 9.0),
+    _case(2000, "empty hooks", 40005.0, 240.0, 230.0, 250.0),
 ]
 
 
@@ -37,16 +38,17 @@ def test_step_cost_budget():
 
 def test_step_cost_rows():
     assert step_cost_tables.table_rows(STEP_RESULTS) == [
-        ["8", "312", "+9.9 (+8.0 to +12.0)", "+250.0 (+240.0 to +260.5)", "15.4", "met"],
-        ["100", "2000", "+19.0 (+15.0 to +25.0)", "+1500.0 (+1400.0 to +1600.0)", "20.0",
+        ["8", "312", "+9.9 (+8.0 to +12.0)", "+250.0 (+240.0 to +260.5)", "—", "15.4", "met"],
+        ["100", "2000", "+19.0 (+15.0 to +25.0)", "+1500.0 (+1400.0 to +1600.0)", "—", "20.0",
          "met (the 95 % CI holds the budget)"],
-        ["2,000", "40000", "+300.0 (+250.0 to +350.0)", "-5.0 (-20.0 to +9.0)", "115.0", "NOT met"],
+        ["2,000", "40000", "+300.0 (+250.0 to +350.0)", "-5.0 (-20.0 to +9.0)", "+240.0 (+230.0 to +250.0)",
+         "115.0", "NOT met"],
     ]
 
 
 def test_step_cost_row_without_unrecorded_case():
     only_rec = [_case(400, "recorded", 9000.0, 700.0, 650.0, 750.0)]
-    assert step_cost_tables.table_rows(only_rec) == [["400", "9000", "—", "+700.0 (+650.0 to +750.0)", "35.0", "—"]]
+    assert step_cost_tables.table_rows(only_rec) == [["400", "9000", "—", "+700.0 (+650.0 to +750.0)", "—", "35.0", "—"]]
 
 
 META = {"command": ".venv/bin/python benchmarks/step_cost.py", "date": "2026-12-07T20:00:00+00:00",
@@ -60,10 +62,13 @@ def test_step_cost_markdown_block_and_placement(tmp_path):
     lines = block.split("\n")
     assert lines[0] == "<!-- step-cost:begin -->" and lines[-1] == "<!-- step-cost:end -->"
     assert ("| tensors | plain µs/step | unrecorded +µs (95 % CI) | recorded +µs (95 % CI) | "
-            "budget (unrecorded) µs | budget |") in lines
-    assert "| 2,000 | 40000 | +300.0 (+250.0 to +350.0) | -5.0 (-20.0 to +9.0) | 115.0 | NOT met |" in lines
+            "empty hooks +µs (95 % CI) | budget (unrecorded) µs | budget |") in lines
+    assert ("| 2,000 | 40000 | +300.0 (+250.0 to +350.0) | -5.0 (-20.0 to +9.0) | +240.0 (+230.0 to +250.0) | "
+            "115.0 | NOT met |") in lines
     assert ("- Budget for the unrecorded step (15 µs + 0.05 µs × tensors): NOT met at 2,000 tensors "
             "(+300.0 µs, 2.6× the budget).") in lines
+    assert ("- Of that, torch's calls of the hooks alone (the same hooks with empty bodies): 2,000 tensors "
+            "+240.0 µs (2.1× the budget), leaving +60.0 µs of the recorder's own work.") in lines
 
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\ntext\n\n<!-- report-scaling:begin -->\nR\n<!-- report-scaling:end -->\n")
@@ -133,3 +138,30 @@ def test_merge_keeps_unselected_rows_with_their_date():
     assert time_rows([{**rows[0], "every": 1, "pairs": 10, "step_ms_plain_median": 1.0, "ratio_kind": "median",
                        "ratio_median_steps": 1.0, "ratio_mean": 1.0, "per_block_iqr": [1.0, 1.0],
                        "cpu_ratio": 1.0}])[0][-1] == "2026-11-29"
+
+
+def test_the_empty_hooks_case_carries_the_hooks_an_unrecorded_step_runs(tmp_path):
+    """step_cost.py's 'empty hooks' model: the same hooks torch calls on the recorder's unrecorded
+    steps (counted on a watched model after its first steps), none of the recorder's work."""
+    import torch
+
+    import freezeframe
+    import step_cost
+
+    def hooks(model, opt):
+        return (len(model._forward_pre_hooks), len(model._forward_hooks),
+                sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules() if m is not model),
+                len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks),
+                [len(p._post_accumulate_grad_hooks or {}) for p in model.parameters()])
+
+    x = torch.randn(2, 4)
+    watched = step_cost.make_model(8)
+    opt = torch.optim.SGD(watched.parameters(), lr=1e-3, momentum=0.9)
+    with freezeframe.watch(watched, opt, tmp_path / "run", every=10 ** 9, mode="new"):
+        for _ in range(3):
+            step_cost.train_step(watched, opt, x)
+        got = hooks(watched, opt)
+    bare = step_cost.make_model(8)
+    bare_opt = torch.optim.SGD(bare.parameters(), lr=1e-3, momentum=0.9)
+    step_cost.empty_hooks(bare, bare_opt)
+    assert hooks(bare, bare_opt) == got == (1, 0, 0, 1, 1, [1] * 8)

@@ -28,8 +28,9 @@ def norms(tensors: list[Tensor], deferred: list | None = None) -> list[Tensor]:
         mesh = (t.device_mesh, tuple(t.placements)) if is_sharded(t) else None
         buckets[(t.device, t.dtype, mesh)].append(i)
     pending = []
+    plain = not torch.is_grad_enabled()  # under no_grad the tensors are read as they are (no detached views)
     for (device, dtype, mesh), idx in buckets.items():
-        group = [tensors[i].detach() for i in idx]
+        group = [tensors[i] for i in idx] if plain else [tensors[i].detach() for i in idx]
         if mesh is not None:
             bad = [pl for pl in mesh[1] if not (pl.is_shard() or pl.is_replicate())]
             if bad:
@@ -39,8 +40,12 @@ def norms(tensors: list[Tensor], deferred: list | None = None) -> list[Tensor]:
             group = [t.double() for t in group]
         res = torch._foreach_norm(group)
         if mesh is None:
-            for i, r in zip(idx, res):
-                out[i] = r.float()
+            if res and res[0].dtype == torch.float32:
+                for i, r in zip(idx, res):
+                    out[i] = r
+            else:
+                for i, r in zip(idx, res):
+                    out[i] = r.float()
         else:
             pending.append(_Partial(torch.stack(res).double().square(), mesh, idx, out))
     if deferred is None:
@@ -105,7 +110,7 @@ def update_norms(before: list[Tensor], after: list[Tensor], deferred: list | Non
     if not before:
         return [], []
     before_norms = norms(before, deferred)
-    torch._foreach_sub_(before, [a.detach() for a in after])  # before := before - after
+    torch._foreach_sub_(before, after if not torch.is_grad_enabled() else [a.detach() for a in after])  # before -= after
     return before_norms, norms(before, deferred)
 
 
@@ -130,8 +135,9 @@ def distances_into(scratch: list[Tensor], tensors: list[Tensor], refs: list[Tens
     if not all(s.device == t.device == r.device and s.dtype == t.dtype == r.dtype and s.shape == t.shape
                and not is_sharded(t) for s, t, r in zip(scratch, tensors, refs)):
         return distances(tensors, refs, deferred)
+    plain = not torch.is_grad_enabled()
     for s, t, r in zip(scratch, tensors, refs):
-        torch.sub(t.detach(), r, out=s)
+        torch.sub(t if plain else t.detach(), r, out=s)
     return norms(scratch, deferred)
 
 
@@ -158,6 +164,12 @@ def step_metrics(params: list[Tensor], before: list[Tensor], refs: list[Tensor |
     buffer, (values, measured) pairs of grad_norm, update_norm, param_norm (||W_before||) and
     drift (||W - W_ref||). Gradients are read now, after the step (a closure may run inside it).
     One host sync for everything. Under FSDP2 the cross-rank sums come last, after `agree()`."""
+    with torch.no_grad():  # reads only: tensors are taken as they are, no detached copies of each
+        return _step_metrics(params, before, refs, buffers, buffer_refs, agree)
+
+
+def _step_metrics(params: list[Tensor], before: list[Tensor], refs: list[Tensor | None],
+                  buffers: list[Tensor], buffer_refs: list[Tensor | None], agree) -> tuple[tuple, tuple]:
     deferred: list = []
     p_norm, u_norm = update_norms(before, params, deferred)
     with_grad = [k for k, p in enumerate(params) if p.grad is not None]
