@@ -12,7 +12,7 @@ after its step. The figure is the median of the per-pair differences B − A wit
 interval (2,000 resamples). Budget for the unrecorded step: 15 µs + 0.05 µs × tensors (DESIGN.md,
 "Budgets").
 
-Usage:  .venv/bin/python benchmarks/step_cost.py              (`make bench`; ≈ 2 min)
+Usage:  .venv/bin/python benchmarks/step_cost.py              (`make bench`; ≈ 3 min)
         .venv/bin/python benchmarks/step_cost.py --quick      (≈ 40 s, writes nothing)
         .venv/bin/python benchmarks/step_cost.py --tensors 8,100 --no-write
         .venv/bin/python benchmarks/step_cost.py --from-results benchmarks/results/step-cost-DATE.json
