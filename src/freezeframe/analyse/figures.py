@@ -4,12 +4,12 @@ and numpy arrays (freeze map, update heatmap, learning rates, drift, loss); rend
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .names import _row_group, group_labels, is_fastai_layout, readable_name
 from .rollup import auto_depth, rollup
 from .heatmap import MAX_POINTS, _bins, aggregate, binned_median, envelope  # noqa: F401 - binned_median: a public name here
 from .timeaxis import step_context, time_marks  # noqa: F401 - the renderers take them from here
@@ -20,56 +20,9 @@ MIN_COLUMNS = 500       # ... but never fewer columns than this for that reason
 FREEZE_MAP_ROWS = 40    # default rows of the freeze map and the drift figure (as `freezeframe summary`)
 HEATMAP_ROWS = 120      # default rows of the update heatmap
 SHADE_DECADES = 4       # freeze-map shade: drift_rel from 10**-SHADE_DECADES (lightest) to 1 (darkest)
-_DEFAULT_GROUP_NAME = re.compile(r"^(opt\d+\.)?pg\d+$")
 
 
-# ----------------------------------------------------------------------------- names
-def readable_name(name: str, *, fastai: bool = False) -> str:
-    """A module path as a person reads it: numeric parts as indices (`stem.0` → `stem[0]`); in a
-    fastai model (a Sequential of body and head) `0.4.0.conv1` → `body[4][0].conv1`."""
-    if not name or name == "(root)":
-        return "(root)"
-    out = ""
-    for i, part in enumerate(name.split(".")):
-        if i == 0 and fastai and part in ("0", "1"):
-            out = "body" if part == "0" else "head"
-        elif part.isdigit():
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else part
-    return out
-
-
-def is_fastai_layout(summary: dict) -> bool:
-    tops = {m["name"].split(".")[0] for m in summary["modules"] if m["name"]}
-    return summary["run"].get("framework") == "fastai" and bool(tops) and tops <= {"0", "1"}
-
-
-def group_labels(summary: dict) -> dict[int, str]:
-    """Global param-group index → the layer group it is: its own name when it has one, else
-    `group k` with k its position in its optimizer (so `pg0` and `opt1.pg0` of a rebuilt
-    optimizer are both `group 0`)."""
-    out: dict[int, str] = {}
-    for s in summary["stages"]:
-        seen: dict[int, int] = {}
-        for g in s["groups"]:
-            pos = seen.get(g["optimizer"], 0)
-            seen[g["optimizer"]] = pos + 1
-            out.setdefault(g["index"], g["name"] if not _DEFAULT_GROUP_NAME.match(g["name"]) else f"group {pos}")
-    return out
-
-
-def _row_group(groups: list[int], labels: dict[int, str]) -> str:
-    names = list(dict.fromkeys(labels.get(g, f"pg{g}") for g in groups))
-    if not names:
-        return "no group"
-    if len(names) == 1:
-        return names[0]
-    if all(n.startswith("group ") for n in names):
-        return "groups " + "/".join(n.removeprefix("group ") for n in names)
-    return " / ".join(names)
-
-
+# ----------------------------------------------------------------------------- rows
 def _rows(summary: dict, depth: int) -> list[dict]:
     """The rollup at `depth`, each row with its name, a readable label and its layer group."""
     labels = group_labels(summary)

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .figures import is_fastai_layout, group_labels, readable_name
+from .names import group_labels, is_fastai_layout, readable_name
 from .layers import build_layers
 from .timeaxis import step_context, time_marks
 from .heatmap import StepIndex, aggregate
