@@ -67,22 +67,19 @@ def empty_hooks(model: nn.Module, opt: torch.optim.Optimizer) -> list:
     the optimizer's step pre- and post-hook, the model's forward pre-hook and one
     post-accumulate-grad hook per trainable tensor. What any hook-based recorder pays before it
     does any work."""
-    def nothing(*args):
-        return None
+    handles = [opt.register_step_pre_hook(_nothing), opt.register_step_post_hook(_nothing),
+               model.register_forward_pre_hook(_nothing)]
+    return handles + [p.register_post_accumulate_grad_hook(_nothing) for p in model.parameters() if p.requires_grad]
 
-    handles = [opt.register_step_pre_hook(nothing), opt.register_step_post_hook(nothing),
-               model.register_forward_pre_hook(nothing)]
-    return handles + [p.register_post_accumulate_grad_hook(nothing) for p in model.parameters() if p.requires_grad]
+
+def _nothing(*args) -> None:
+    return None
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
     opt.zero_grad(set_to_none=True)
     model(x).square().mean().backward()
     opt.step()
-
-
-def _nothing() -> None:
-    return None
 
 
 def bootstrap_median(d: np.ndarray, rng: np.random.Generator, n: int = 2000) -> list[float]:

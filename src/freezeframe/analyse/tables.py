@@ -125,10 +125,11 @@ def _grad_masks(column: pa.ChunkedArray, nbytes: int) -> np.ndarray:
     for chunk in column.chunks:
         n = len(chunk)
         if n and nbytes:
+            _, offsets_buf, data = chunk.buffers()
             wide = pa.types.is_large_binary(chunk.type)
-            offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64 if wide else np.int32)[chunk.offset:chunk.offset + n + 1]
+            offsets = np.frombuffer(offsets_buf, dtype=np.int64 if wide else np.int32)[chunk.offset:chunk.offset + n + 1]
             if not chunk.null_count and bool((np.diff(offsets) == nbytes).all()):
-                out[at:at + n] = np.frombuffer(chunk.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]].reshape(n, nbytes)
+                out[at:at + n] = np.frombuffer(data, dtype=np.uint8)[offsets[0]:offsets[-1]].reshape(n, nbytes)
             else:
                 for k, g in enumerate(chunk.to_pylist()):
                     if g:

@@ -12,6 +12,12 @@ from ..hashing import content_hash, content_hashes, is_sharded  # noqa: F401 - p
 Tensor = torch.Tensor
 
 
+def _readable(tensors: list[Tensor]) -> list[Tensor]:
+    """The tensors to read from: as they are under no_grad (autograd records nothing then), else
+    detached views. A recorded step measures under no_grad (`step_metrics`): no view per tensor."""
+    return tensors if not torch.is_grad_enabled() else [t.detach() for t in tensors]
+
+
 def norms(tensors: list[Tensor], deferred: list | None = None) -> list[Tensor]:
     """L2 norm of each tensor, as 0-dim float32 tensors on each tensor's own device (no sync).
 
@@ -28,9 +34,8 @@ def norms(tensors: list[Tensor], deferred: list | None = None) -> list[Tensor]:
         mesh = (t.device_mesh, tuple(t.placements)) if is_sharded(t) else None
         buckets[(t.device, t.dtype, mesh)].append(i)
     pending = []
-    plain = not torch.is_grad_enabled()  # under no_grad the tensors are read as they are (no detached views)
     for (device, dtype, mesh), idx in buckets.items():
-        group = [tensors[i] for i in idx] if plain else [tensors[i].detach() for i in idx]
+        group = _readable([tensors[i] for i in idx])
         if mesh is not None:
             bad = [pl for pl in mesh[1] if not (pl.is_shard() or pl.is_replicate())]
             if bad:
@@ -40,12 +45,8 @@ def norms(tensors: list[Tensor], deferred: list | None = None) -> list[Tensor]:
             group = [t.double() for t in group]
         res = torch._foreach_norm(group)
         if mesh is None:
-            if res and res[0].dtype == torch.float32:
-                for i, r in zip(idx, res):
-                    out[i] = r
-            else:
-                for i, r in zip(idx, res):
-                    out[i] = r.float()
+            for i, r in zip(idx, res):
+                out[i] = r if r.dtype == torch.float32 else r.float()
         else:
             pending.append(_Partial(torch.stack(res).double().square(), mesh, idx, out))
     if deferred is None:
@@ -100,7 +101,7 @@ def snapshot(tensors: list[Tensor]) -> list[Tensor]:
     if any(is_sharded(t) for t in tensors):  # DTensor has no sharding rule for _foreach_copy_
         return [t.detach().clone() for t in tensors]
     copies = [torch.empty_like(t) for t in tensors]
-    torch._foreach_copy_(copies, [t.detach() for t in tensors])
+    torch._foreach_copy_(copies, _readable(tensors))
     return copies
 
 
@@ -110,7 +111,7 @@ def update_norms(before: list[Tensor], after: list[Tensor], deferred: list | Non
     if not before:
         return [], []
     before_norms = norms(before, deferred)
-    torch._foreach_sub_(before, after if not torch.is_grad_enabled() else [a.detach() for a in after])  # before -= after
+    torch._foreach_sub_(before, _readable(after))  # before := before - after
     return before_norms, norms(before, deferred)
 
 
@@ -120,9 +121,9 @@ def distances(tensors: list[Tensor], refs: list[Tensor], deferred: list | None =
         return []
     same = all(t.device == r.device and t.dtype == r.dtype for t, r in zip(tensors, refs))
     if same:
-        diffs = torch._foreach_sub([t.detach() for t in tensors], refs)
+        diffs = torch._foreach_sub(_readable(tensors), refs)
     else:
-        diffs = [t.detach() - r.to(device=t.device, dtype=t.dtype) for t, r in zip(tensors, refs)]
+        diffs = [t - r.to(device=t.device, dtype=t.dtype) for t, r in zip(_readable(tensors), refs)]
     return norms(diffs, deferred)
 
 
@@ -135,9 +136,8 @@ def distances_into(scratch: list[Tensor], tensors: list[Tensor], refs: list[Tens
     if not all(s.device == t.device == r.device and s.dtype == t.dtype == r.dtype and s.shape == t.shape
                and not is_sharded(t) for s, t, r in zip(scratch, tensors, refs)):
         return distances(tensors, refs, deferred)
-    plain = not torch.is_grad_enabled()
-    for s, t, r in zip(scratch, tensors, refs):
-        torch.sub(t if plain else t.detach(), r, out=s)
+    for s, t, r in zip(scratch, _readable(tensors), refs):
+        torch.sub(t, r, out=s)
     return norms(scratch, deferred)
 
 
