@@ -243,6 +243,39 @@ def test_a_run_directory_deleted_while_recording_is_one_warning_and_training_goe
     assert all(oracle.same_bytes(a, b) for a, b in zip(oracle.state(model).values(), oracle.state(plain).values()))
 
 
+def test_a_file_vanishing_under_a_write_while_the_lock_is_still_there_is_told_as_the_deletion(tmp_path, monkeypatch):
+    """`rm -rf` midway: it removed the file a flush was writing but not yet the lock. By the time
+    the error is reported the directory is gone, and the one warning says so, not a bare
+    FileNotFoundError."""
+    from freezeframe.store import writer as ff_writer
+
+    model, opt = _model()
+    run_dir = tmp_path / "run"
+    real = ff_writer.RunWriter._write_all
+    hits = []
+
+    def vanishing(self, tables, manifest):
+        if hits:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(run_dir / "manifest.json"))
+        hits.append(1)
+        return real(self, tables, manifest)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with freezeframe.watch(model, opt, run_dir, every=1, flush_seconds=60) as rec:
+            _train(model, opt, 2)
+            monkeypatch.setattr(ff_writer.RunWriter, "_write_all", vanishing)
+            rec._flush()
+            rec._writer.drain()
+            assert isinstance(rec._writer.error, FileNotFoundError) and (run_dir / "writer.lock").exists()
+            shutil.rmtree(run_dir)
+            _train(model, opt, 2, start=2)
+    mine = [str(w.message) for w in caught if "freezeframe" in str(w.message)]
+    assert len(mine) == 1, mine
+    assert "was deleted" in mine[0] and str(run_dir) in mine[0] and "FileNotFoundError" not in mine[0], mine[0]
+    assert "nothing of this run is kept" in mine[0]
+
+
 # --------------------------------------------------------------- mode="overwrite": decide first
 
 def test_overwrite_refuses_a_run_directory_holding_a_users_file_before_touching_anything(tmp_path):

@@ -54,7 +54,7 @@ class StoreHandover:
         if self._writer.error is not None:
             # kept set: the writer writes nothing after its first failure, so what reaches the
             # disk stays a prefix of the steps (a later flush must not land after a lost one)
-            err = self._writer.error
+            err = self._writer.failure
             raise RuntimeError(f"writing the run failed: {err}") from err
         manifest = self._manifest_bytes(complete)
         reference = self._refs.pending()  # W_ref taken since the last hand-over: written before the manifest

@@ -346,7 +346,7 @@ class Recorder(StepPath, HookWiring, StoreHandover, ModelChanges):
                 self._flush(complete=complete)
                 self._writer.close()
                 if self._writer.error is not None:
-                    raise RuntimeError(f"writing the run failed: {self._writer.error}")
+                    raise RuntimeError(f"writing the run failed: {self._writer.failure}")
         except Exception as e:  # noqa: BLE001
             self._fail("close()", e)
         finally:

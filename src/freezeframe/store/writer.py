@@ -82,6 +82,17 @@ class RunWriter:
         self._thread.start()
 
     # -- called on the training thread ------------------------------------------------------
+    @property
+    def failure(self) -> BaseException | None:
+        """The first write's error, told as it is known now: a file of the run that vanished
+        under a write means the run directory is being removed, and by the time the error is
+        reported (`rm -rf` done) the lock says so; told at the write, the lock may still have
+        been there."""
+        e = self.error
+        if isinstance(e, FileNotFoundError) and self._lock is not None and not self._lock.held():
+            return FreezeFrameError(f"{self._lock.why_lost()}; this recorder stops writing to it")
+        return e
+
     def submit(self, tables: dict[str, pa.Table], manifest: bytes | None, reference: dict | None = None) -> None:
         """`reference`: W_ref taken since the last hand-over, added to reference.safetensors
         before the manifest that names them is written."""
@@ -131,14 +142,9 @@ class RunWriter:
     def _write(self, tables: dict[str, pa.Table], manifest: bytes | None, reference: dict | None = None) -> None:
         if self._lock is not None and not self._lock.held():
             raise FreezeFrameError(f"{self._lock.why_lost()}; this recorder stops writing to it")
-        try:
-            if reference:
-                write_reference(self.path, reference)
-            self._write_all(tables, manifest)
-        except FileNotFoundError:
-            if self._lock is not None and not self._lock.held():  # deleted while this write ran
-                raise FreezeFrameError(f"{self._lock.why_lost()}; this recorder stops writing to it") from None
-            raise
+        if reference:
+            write_reference(self.path, reference)
+        self._write_all(tables, manifest)
 
     def _write_all(self, tables: dict[str, pa.Table], manifest: bytes | None) -> None:
         for name, table in tables.items():
